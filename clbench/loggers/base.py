@@ -1,0 +1,36 @@
+"""What every logger receives from the runner; the base class ignores it all (``logger=none``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class RunInfo:
+    """Identity of a run, known before training starts."""
+
+    run_id: str
+    run_dir: Path
+    stream: str
+    strategy: str
+    scenario: str
+    seed: int
+    task_names: list[str]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class Logger:
+    """A sink for run progress. Subclasses override what they record."""
+
+    def start(self, run: RunInfo) -> None:
+        """Called once before the random-init evaluation."""
+
+    def log_task(self, task_id: int, acc_matrix: np.ndarray, random_init_acc: np.ndarray) -> None:
+        """Called after task ``task_id``: ``acc_matrix`` holds rows 0..task_id (percent)."""
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """Called once with the final result (status ``completed`` or ``failed``)."""

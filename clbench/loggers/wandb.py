@@ -1,0 +1,97 @@
+"""Weights & Biases logging written for clbench (Avalanche's W&B logger logs matrices as histograms).
+
+Offline by default, so a fresh machine needs no account: the run lands in ``<run_dir>/wandb`` and
+``wandb sync <that dir>/offline-run-*`` uploads it later. Matrices go up as ``wandb.Table`` rows and as
+annotated heatmap images, never as histograms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from clbench.loggers.base import Logger, RunInfo
+from clbench.plots import matrix_figure
+
+MODES = ("offline", "online", "disabled")
+
+
+def matrix_table(matrix: np.ndarray, task_names: Sequence[str], row_label: str = "after_task"):
+    """A wandb.Table with one row per 'after task i' and one column per task; NaN cells become None."""
+    import wandb
+
+    columns = [row_label, *[f"T{j}:{name}" for j, name in enumerate(task_names)]]
+    rows = [[i, *[None if not np.isfinite(v) else float(v) for v in row]] for i, row in enumerate(matrix)]
+    return wandb.Table(columns=columns, data=rows)
+
+
+class WandbLogger(Logger):
+    """Per task: the accuracy matrix so far (table + heatmap) and the mean accuracy on seen tasks.
+    At the end: summary metrics, the final matrices, and forgetting / transfer matrices."""
+
+    def __init__(
+        self,
+        mode: str = "offline",
+        project: str = "clbench",
+        entity: str | None = None,
+        group: str | None = None,
+        tags: Sequence[str] = (),
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown logger.mode {mode!r}: use one of {', '.join(MODES)}")
+        self.mode, self.project, self.entity, self.group, self.tags = mode, project, entity, group, list(tags)
+        self.run = None
+        self.task_names: list[str] = []
+
+    def start(self, run: RunInfo) -> None:
+        import wandb
+
+        self.task_names = run.task_names
+        self.run = wandb.init(
+            mode=self.mode,
+            project=self.project,
+            entity=self.entity,
+            group=self.group or run.stream,
+            name=f"{run.strategy}-seed{run.seed}",
+            job_type=run.strategy,
+            tags=[*self.tags, run.stream, run.strategy, run.scenario],
+            config=run.config,
+            dir=str(run.run_dir),
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+        )
+
+    def _log_matrix(self, key: str, matrix: np.ndarray, step: int, symmetric: bool = False) -> dict[str, Any]:
+        import matplotlib.pyplot as plt
+        import wandb
+
+        figure = matrix_figure(matrix, key, cmap="RdBu" if symmetric else "viridis", symmetric=symmetric)
+        payload = {f"{key}/table": matrix_table(matrix, self.task_names), f"{key}/heatmap": wandb.Image(figure)}
+        plt.close(figure)
+        return payload
+
+    def log_task(self, task_id: int, acc_matrix: np.ndarray, random_init_acc: np.ndarray) -> None:
+        if self.run is None:
+            return
+        rows = acc_matrix[: task_id + 1]
+        payload = self._log_matrix("acc_matrix", rows, task_id)
+        payload["acc_seen"] = float(rows[task_id, : task_id + 1].mean())
+        payload["acc_all"] = float(rows[task_id].mean())
+        payload["task"] = task_id
+        self.run.log(payload, step=task_id)
+
+    def finish(self, result: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        payload: dict[str, Any] = {}
+        matrix = np.asarray(result["acc_matrix"], dtype=np.float64)
+        if matrix.size:
+            payload.update(self._log_matrix("final/acc_matrix", matrix, len(matrix)))
+        for name, values in result.get("matrices", {}).items():
+            payload.update(self._log_matrix(f"final/{name}", np.asarray(values, dtype=np.float64), len(matrix), True))
+        if payload:
+            self.run.log(payload, step=max(len(matrix), 1))
+        self.run.summary.update({**result.get("metrics", {}), "status": result["status"]})
+        self.run.finish(exit_code=0 if result["status"] == "completed" else 1)
+        self.run = None

@@ -1,0 +1,240 @@
+"""The task loop: random-init row b, then per task fit -> evaluate every task -> log -> checkpoint.
+
+The runner never knows a method's name: it only calls the Strategy hooks. It owns seeding, the device,
+the accuracy matrix R, the checkpoint after every task (resume continues from the last finished task),
+and the result file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from clbench import metrics
+from clbench.loggers.base import Logger, RunInfo
+from clbench.loggers.console import ConsoleLogger
+from clbench.plots import save_matrix
+from clbench.results import (
+    SCHEMA,
+    atomic_torch_save,
+    config_digest,
+    find_reference_acc,
+    package_versions,
+    read_result,
+    write_result,
+)
+from clbench.strategy import Strategy
+from clbench.trainer import Trainer
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the fix."""
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` takes CUDA when present, else the CPU; asking for CUDA where none exists is an error."""
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise ConfigError(f"unknown device {name!r}: use one of {', '.join(DEVICES)} (or cuda:N)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is available here: use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; ``deterministic`` also asks torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a config that change results (not paths, loggers or progress bars)."""
+    stream = {k: v for k, v in config.get("stream", {}).items() if k not in ("root", "download")}
+    trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in ("progress", "eval_batch_size")}
+    keys = ("model", "strategy", "seed", "deterministic")
+    return {"stream": stream, "trainer": trainer, **{k: config.get(k) for k in keys}}
+
+
+def _rng_state(trainer: Trainer) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "trainer": trainer.generator.get_state() if trainer.generator else None}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    state["numpy"] = np.random.get_state()
+    state["python"] = random.getstate()
+    return state
+
+
+def _restore_rng_state(trainer: Trainer, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if trainer.generator is not None and state["trainer"] is not None:
+        trainer.generator.set_state(state["trainer"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one configured experiment end to end and return its result (also written to disk)."""
+    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(config, dict)
+    config.pop("hydra", None)
+    device = select_device(str(cfg.device))
+    seed = int(cfg.seed)
+    seed_everything(seed, bool(cfg.get("deterministic", False)))
+
+    strategy: Strategy = instantiate(cfg.strategy)
+    trainer: Trainer = instantiate(cfg.trainer)
+    stream = instantiate(cfg.stream)
+    strategy.check_scenario(stream.scenario)
+    extra_logger: Logger = instantiate(cfg.logger) if cfg.get("logger") else Logger()
+    loggers: list[Logger] = [ConsoleLogger(enabled=bool(cfg.get("verbose", True))), extra_logger]
+
+    run_id = cfg.get("run_id") or f"seed{seed}-{config_digest(_experiment_identity(config))}"
+    run_dir = Path(str(cfg.results_dir)) / stream.name / strategy.name / run_id
+    result_path, checkpoint_path = run_dir / "result.json", run_dir / "checkpoint.pt"
+    resume = bool(cfg.get("resume", True))
+    if resume and result_path.exists():
+        previous = read_result(result_path)
+        if previous.get("status") == "completed":
+            print(f"clbench: {result_path} is already completed; pass resume=false to run it again")
+            return previous
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    stream = stream.to(device)
+    model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes).to(device)
+    strategy.setup(model, stream)
+    trainer.attach(stream, seed)
+    give_task_id = stream.scenario == "task" or strategy.uses_task_oracle
+    num_tasks = len(stream)
+    task_names = [task.name for task in stream]
+
+    acc_matrix = np.full((num_tasks, num_tasks), np.nan)
+    fit_seconds: list[float] = []
+    eval_seconds: list[float] = []
+    learning_curves: list[list[list[float]]] = []
+    first_task = 0
+    started = time.perf_counter()
+    random_init_acc = np.asarray(trainer.evaluate(strategy, give_task_id))
+    if resume and checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        strategy.load_state_dict(checkpoint["strategy"])
+        _restore_rng_state(trainer, checkpoint["rng"])
+        first_task = checkpoint["next_task"]
+        acc_matrix[:first_task] = np.asarray(checkpoint["acc_matrix"])[:first_task]
+        random_init_acc = np.asarray(checkpoint["random_init_acc"])
+        fit_seconds, eval_seconds = checkpoint["fit_seconds"], checkpoint["eval_seconds"]
+        learning_curves = checkpoint["learning_curves"]
+        print(f"clbench: resuming {run_dir} after task {first_task - 1}")
+
+    info = RunInfo(run_id, run_dir, stream.name, strategy.name, stream.scenario, seed, task_names, config)
+    for logger in loggers:
+        logger.start(info)
+        for t in range(first_task):
+            logger.log_task(t, acc_matrix, random_init_acc)
+
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "status": "running",
+        "run_id": run_id,
+        "stream": stream.name,
+        "strategy": strategy.name,
+        "scenario": stream.scenario,
+        "seed": seed,
+        "uses_task_oracle": strategy.uses_task_oracle,
+        "units": "percent",
+        "definitions": "R[i][j] = test accuracy on task j after training task i; see clbench/metrics.py",
+        "tasks": [{"id": t.id, "name": t.name, "classes": list(t.classes), "num_train": t.num_train} for t in stream],
+        "config": config,
+        "versions": package_versions(),
+        "device": str(device),
+        "host": socket.gethostname(),
+        "started_at": datetime.now(timezone.utc).isoformat(),
+        "paths": {"run_dir": str(run_dir), "result": str(result_path), "checkpoint": str(checkpoint_path)},
+    }
+
+    def snapshot(status: str, error: str | None = None) -> dict[str, Any]:
+        done = int(np.isfinite(acc_matrix).all(axis=1).sum())
+        result.update(
+            status=status,
+            acc_matrix=acc_matrix[:done].tolist(),
+            random_init_acc=random_init_acc.tolist(),
+            tasks_completed=done,
+            timings={"fit_s": fit_seconds, "eval_s": eval_seconds, "total_s": time.perf_counter() - started},
+            learning_curves=learning_curves,
+        )
+        if error is not None:
+            result["error"] = error
+        return result
+
+    write_result(result_path, snapshot("running"))
+    try:
+        for task in stream.tasks[first_task:]:
+            curves_before = len(trainer.epoch_losses)
+            tick = time.perf_counter()
+            strategy.fit_task(task, trainer)
+            strategy.after_task(task)
+            fit_seconds.append(time.perf_counter() - tick)
+            learning_curves.append(trainer.epoch_losses[curves_before:])
+            tick = time.perf_counter()
+            acc_matrix[task.id] = trainer.evaluate(strategy, give_task_id)
+            eval_seconds.append(time.perf_counter() - tick)
+            for logger in loggers:
+                logger.log_task(task.id, acc_matrix, random_init_acc)
+            atomic_torch_save(
+                {
+                    "next_task": task.id + 1,
+                    "strategy": strategy.state_dict(),
+                    "rng": _rng_state(trainer),
+                    "acc_matrix": acc_matrix,
+                    "random_init_acc": random_init_acc,
+                    "fit_seconds": fit_seconds,
+                    "eval_seconds": eval_seconds,
+                    "learning_curves": learning_curves,
+                },
+                checkpoint_path,
+            )
+            write_result(result_path, snapshot("running"))
+    except Exception as error:
+        failed = snapshot("failed", f"{type(error).__name__}: {error}")
+        write_result(result_path, failed)
+        for logger in loggers:
+            logger.finish(failed)
+        raise
+
+    reference_acc = find_reference_acc(Path(str(cfg.results_dir)), stream.name, seed, config["stream"])
+    if strategy.name == "independent":
+        reference_acc = np.diag(acc_matrix).tolist()
+    result["reference_acc"] = reference_acc
+    result["metrics"] = metrics.summarize(acc_matrix, random_init_acc, reference_acc)
+    result["matrices"] = {
+        "forgetting": metrics.forgetting_matrix(acc_matrix),
+        "backward_transfer": metrics.backward_transfer_matrix(acc_matrix),
+        "forward_transfer": metrics.forward_transfer_matrix(acc_matrix, random_init_acc),
+    }
+    result["finished_at"] = datetime.now(timezone.utc).isoformat()
+    snapshot("completed")
+    heatmap = save_matrix(acc_matrix, f"{strategy.name} on {stream.name}: R (%)", run_dir / "acc_matrix.png")
+    result["paths"]["heatmap"] = str(heatmap)
+    write_result(result_path, result)
+    for logger in loggers:
+        logger.finish(result)
+    return result

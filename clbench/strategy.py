@@ -1,0 +1,127 @@
+"""The Strategy base class: the one interface every continual-learning method implements.
+
+Its default behaviour is plain fine-tuning; a method overrides only the hooks it needs. The runner calls
+``setup`` once, then per task ``fit_task`` (which calls ``trainer.fit``, which calls ``parameters``,
+``forward``, ``loss``, ``after_backward`` and ``after_step``) and ``after_task``; evaluation calls
+``predict``. ``state_dict`` / ``load_state_dict`` hold everything needed to resume after a task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clbench.streams import SCENARIOS, Stream, Task, TaskIds
+
+if TYPE_CHECKING:
+    from clbench.models import ContinualModel
+    from clbench.trainer import Trainer
+
+
+class UnsupportedScenarioError(ValueError):
+    """A strategy was asked to run on a scenario it does not support."""
+
+
+@dataclass
+class Batch:
+    """One training batch: inputs, scenario targets, task id(s), and pool positions (for per-sample state)."""
+
+    x: Tensor
+    y: Tensor
+    task_ids: TaskIds
+    index: Tensor
+
+
+class Strategy:
+    """Base class; on its own it is fine-tuning (``strategy=finetune``).
+
+    Class attributes a subclass sets:
+    ``name`` (used in result paths and tables), ``scenarios`` (those it supports; a mismatch is an error
+    before training), and ``uses_task_oracle`` (True for references that read the task id at test time
+    even where the scenario hides it, e.g. one model per task; the result file records it).
+    """
+
+    name: ClassVar[str] = "finetune"
+    scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
+    uses_task_oracle: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.model: ContinualModel | None = None
+        self.stream: Stream | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def check_scenario(self, scenario: str) -> None:
+        """Raise a one-line error if this strategy cannot run on ``scenario``."""
+        if scenario not in self.scenarios:
+            raise UnsupportedScenarioError(
+                f"strategy {self.name!r} supports the {'/'.join(self.scenarios)} scenario(s), not {scenario!r}: "
+                f"pick a stream with stream.scenario={self.scenarios[0]} or another strategy"
+            )
+
+    def setup(self, model: ContinualModel, stream: Stream) -> ContinualModel:
+        """Take the model (wrap layers, add state) before anything is trained or evaluated."""
+        self.check_scenario(stream.scenario)
+        self.model = model
+        self.stream = stream
+        return model
+
+    def fit_task(self, task: Task, trainer: Trainer) -> None:
+        """Learn one task; multi-phase methods call ``trainer.fit`` more than once."""
+        trainer.fit(self, [task])
+
+    def after_task(self, task: Task) -> None:
+        """Consolidate after a task (importance, bases, masks); called after ``fit_task``."""
+
+    # -- training step -------------------------------------------------------------------------------
+    def parameters(self, task: Task) -> Sequence[nn.Parameter]:
+        """What the optimizer updates for ``task``: the shared body plus this task's head when heads
+        are per task (other tasks' heads stay untouched, weight decay included)."""
+        assert self.model is not None and self.stream is not None
+        if self.stream.scenario == "task":
+            return [*self.model.shared_parameters(), *self.model.heads.heads[task.id].parameters()]
+        return list(self.model.parameters())
+
+    def head_ids(self, task_ids: TaskIds) -> TaskIds | None:
+        """Which head(s) to use: the task id(s) in the task scenario, the shared head otherwise."""
+        assert self.stream is not None
+        return task_ids if self.stream.scenario == "task" else None
+
+    def forward(self, x: Tensor, task_ids: TaskIds) -> Tensor:
+        """Training-time forward pass."""
+        assert self.model is not None
+        return self.model(x, self.head_ids(task_ids))
+
+    def loss(self, output: Tensor, y: Tensor, batch: Batch, task: Task) -> Tensor:
+        """Training loss; regularisers add their terms here."""
+        return F.cross_entropy(output, y)
+
+    def after_backward(self, task: Task) -> None:
+        """Gradient surgery before the optimizer step (projections)."""
+
+    def after_step(self, task: Task) -> None:
+        """After each optimizer step (path integrals, mask re-application)."""
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def predict(self, x: Tensor, task_id: int | None) -> Tensor:
+        """Evaluation-time logits; ``task_id`` is None where the scenario gives no task identity."""
+        assert self.model is not None
+        return self.model(x, task_id if task_id is not None and self.stream.scenario == "task" else None)
+
+    def eval_modules(self) -> list[nn.Module]:
+        """Modules to switch between train and eval mode (more than one for one-model-per-task)."""
+        assert self.model is not None
+        return [self.model]
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after the last finished task."""
+        assert self.model is not None
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.model is not None
+        self.model.load_state_dict(state["model"])

@@ -1,0 +1,428 @@
+"""Tasks, streams, and the protocols that build them: split, permuted, rotated and multi-dataset.
+
+A :class:`Stream` holds one pool of uint8 images (train and test) and, per task, index and target
+tensors into that pool. Derived tasks are views: a permuted task is a row of ``permutations``, a rotated
+task an entry of ``angles``, a split task an index set. Memory is O(dataset) however many tasks.
+Batches are assembled on the stream's device: gather uint8 -> float -> task transform -> normalise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clbench.data.base import ImageDataset, resize_images
+
+SCENARIOS = ("task", "domain", "class")
+TaskIds = int | Tensor
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: its classes and its train / val / test index sets into the stream's pool.
+
+    ``*_targets`` are already in the label space the scenario asks for: local class positions for
+    ``task`` (one head per task), shared labels for ``domain``, global class positions for ``class``.
+    ``val_*`` index the training pool (a held-out part of the training images).
+    """
+
+    id: int
+    name: str
+    classes: tuple[int, ...]
+    num_outputs: int
+    train_index: Tensor
+    train_targets: Tensor
+    test_index: Tensor
+    test_targets: Tensor
+    val_index: Tensor
+    val_targets: Tensor
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_index.numel())
+
+    def to(self, device: torch.device | str) -> Task:
+        return replace(
+            self,
+            **{
+                name: getattr(self, name).to(device)
+                for name in ("train_index", "train_targets", "test_index", "test_targets", "val_index", "val_targets")
+            },
+        )
+
+
+@dataclass
+class Stream:
+    """A task sequence over one image pool, with the scenario that decides heads and task identity.
+
+    ``permutations`` ([T, C*H*W] long) or ``angles`` ([T] degrees) define per-task input transforms;
+    ``mean`` / ``std`` ([T, C]) normalise each task's inputs (per source dataset for multi-dataset).
+    """
+
+    name: str
+    scenario: str
+    tasks: list[Task]
+    x_train: Tensor
+    x_test: Tensor
+    mean: Tensor
+    std: Tensor
+    num_classes: int
+    permutations: Tensor | None = None
+    angles: Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"unknown scenario {self.scenario!r}: use one of {', '.join(SCENARIOS)}")
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self.tasks)
+
+    def __getitem__(self, task_id: int) -> Task:
+        return self.tasks[task_id]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def head_sizes(self) -> list[int]:
+        """Output sizes of the model's heads: one per task in the task scenario, else one shared head."""
+        if self.scenario == "task":
+            return [task.num_outputs for task in self.tasks]
+        if self.scenario == "domain":
+            return [max(task.num_outputs for task in self.tasks)]
+        return [self.num_classes]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+    def to(self, device: torch.device | str) -> Stream:
+        """The same stream with the pool, the index sets and the transforms on ``device`` (done once)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self,
+            tasks=[task.to(device) for task in self.tasks],
+            x_train=self.x_train.to(device),
+            x_test=self.x_test.to(device),
+            mean=self.mean.to(device),
+            std=self.std.to(device),
+            permutations=move(self.permutations),
+            angles=move(self.angles),
+        )
+
+    def inputs(self, split: str, index: Tensor, task_ids: TaskIds) -> Tensor:
+        """Model inputs for pool positions ``index`` of ``split`` ("train" or "test"), as task(s) ``task_ids``.
+
+        ``task_ids`` is an int when the whole batch is one task (the fast path) or a [B] tensor.
+        """
+        pool = self.x_train if split == "train" else self.x_test
+        x = pool[index].float()
+        if pool.dtype == torch.uint8:
+            x = x / 255.0
+        if self.angles is not None:
+            x = rotate(x, self.angles[task_ids])
+        if self.permutations is not None:
+            flat = x.flatten(1)
+            if isinstance(task_ids, int):
+                flat = flat[:, self.permutations[task_ids]]
+            else:
+                flat = flat.gather(1, self.permutations[task_ids])
+            x = flat.view_as(x)
+        shape = (-1, x.shape[1], 1, 1)
+        return (x - self.mean[task_ids].view(shape)) / self.std[task_ids].view(shape)
+
+
+def rotate(images: Tensor, degrees: Tensor) -> Tensor:
+    """Rotate a batch by ``degrees`` (a scalar tensor or one angle per image) about the centre, zero fill."""
+    radians = degrees.float().expand(images.shape[0]) * (math.pi / 180.0)
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
+
+
+# --------------------------------------------------------------------------------------------------
+# builders (the `_target_`s of conf/stream/*.yaml)
+# --------------------------------------------------------------------------------------------------
+
+
+def _val_split(positions: Tensor, val_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"stream.val_fraction must be in [0, 1), got {val_fraction}")
+    shuffled = positions[torch.randperm(len(positions), generator=generator)]
+    n_val = round(len(positions) * val_fraction)
+    return shuffled[n_val:].sort().values, shuffled[:n_val].sort().values
+
+
+def _subsample(positions: Tensor, limit: int | None, generator: torch.Generator) -> Tensor:
+    if limit is None or limit >= len(positions):
+        return positions
+    return positions[torch.randperm(len(positions), generator=generator)[:limit]].sort().values
+
+
+def _norm_stats(dataset: ImageDataset, num_tasks: int) -> tuple[Tensor, Tensor]:
+    mean = torch.tensor(dataset.mean).expand(num_tasks, -1).contiguous()
+    std = torch.tensor(dataset.std).expand(num_tasks, -1).contiguous()
+    return mean, std
+
+
+def _check_scenario(scenario: str) -> None:
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown stream.scenario {scenario!r}: use one of {', '.join(SCENARIOS)}")
+
+
+def split_stream(
+    dataset: ImageDataset,
+    num_tasks: int,
+    classes_per_task: int | None = None,
+    scenario: str = "task",
+    class_order: Sequence[int] | None = None,
+    shuffle_classes: bool = False,
+    val_fraction: float = 0.0,
+    train_per_task: int | None = None,
+    seed: int = 0,
+    name: str | None = None,
+    root: str | None = None,
+    download: bool = False,
+) -> Stream:
+    """Split a dataset by classes into ``num_tasks`` disjoint tasks (Split MNIST / CIFAR-100 protocols).
+
+    Classes go to tasks in natural order unless ``class_order`` is given or ``shuffle_classes`` draws one
+    from ``seed``. ``root`` / ``download`` are recorded for provenance; the dataset node reads them.
+    """
+    _check_scenario(scenario)
+    total = dataset.num_classes
+    classes_per_task = classes_per_task or total // num_tasks
+    if num_tasks < 1 or classes_per_task < 1 or num_tasks * classes_per_task > total:
+        raise ValueError(
+            f"stream.num_tasks={num_tasks} x classes_per_task={classes_per_task} needs more than the "
+            f"{total} classes of {dataset.name}: lower stream.num_tasks or stream.classes_per_task"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    if class_order is not None:
+        order = [int(c) for c in class_order]
+        if sorted(order) != sorted(set(order)) or not set(order) <= set(range(total)):
+            raise ValueError(f"stream.class_order must list distinct classes of {dataset.name} (0..{total - 1})")
+    elif shuffle_classes:
+        order = torch.randperm(total, generator=generator).tolist()
+    else:
+        order = list(range(total))
+    global_position = torch.full((total,), -1, dtype=torch.int64)
+    tasks = []
+    for t in range(num_tasks):
+        classes = tuple(order[t * classes_per_task : (t + 1) * classes_per_task])
+        local_position = torch.full((total,), -1, dtype=torch.int64)
+        for k, c in enumerate(classes):
+            local_position[c] = k
+            global_position[c] = t * classes_per_task + k
+        label_map = global_position if scenario == "class" else local_position
+        in_task = torch.isin(dataset.y_train, torch.tensor(classes))
+        train_pos = _subsample(torch.nonzero(in_task).flatten(), train_per_task, generator)
+        train_pos, val_pos = _val_split(train_pos, val_fraction, generator)
+        test_pos = torch.nonzero(torch.isin(dataset.y_test, torch.tensor(classes))).flatten()
+        tasks.append(
+            Task(
+                id=t,
+                name=f"{dataset.name}[{','.join(dataset.class_names[c] for c in classes)}]",
+                classes=classes,
+                num_outputs=classes_per_task,
+                train_index=train_pos,
+                train_targets=label_map.clone()[dataset.y_train[train_pos]],
+                test_index=test_pos,
+                test_targets=label_map.clone()[dataset.y_test[test_pos]],
+                val_index=val_pos,
+                val_targets=label_map.clone()[dataset.y_train[val_pos]],
+            )
+        )
+    mean, std = _norm_stats(dataset, num_tasks)
+    return Stream(
+        name=name or f"split_{dataset.name}",
+        scenario=scenario,
+        tasks=tasks,
+        x_train=dataset.x_train,
+        x_test=dataset.x_test,
+        mean=mean,
+        std=std,
+        num_classes=num_tasks * classes_per_task,
+        info={"dataset": dataset.name, "class_order": order[: num_tasks * classes_per_task], "root": root},
+    )
+
+
+def _shared_tasks(
+    dataset: ImageDataset,
+    num_tasks: int,
+    kind: str,
+    val_fraction: float,
+    train_per_task: int | None,
+    generator: torch.Generator,
+) -> list[Task]:
+    """Tasks that all see the whole label set through different input transforms (shared index tensors)."""
+    train_pos = _subsample(torch.arange(len(dataset.y_train)), train_per_task, generator)
+    train_pos, val_pos = _val_split(train_pos, val_fraction, generator)
+    test_pos = torch.arange(len(dataset.y_test))
+    train_y, val_y, test_y = dataset.y_train[train_pos], dataset.y_train[val_pos], dataset.y_test
+    classes = tuple(range(dataset.num_classes))
+    return [
+        Task(
+            t,
+            f"{dataset.name}-{kind}{t}",
+            classes,
+            dataset.num_classes,
+            train_pos,
+            train_y,
+            test_pos,
+            test_y,
+            val_pos,
+            val_y,
+        )
+        for t in range(num_tasks)
+    ]
+
+
+def permuted_stream(
+    dataset: ImageDataset,
+    num_tasks: int,
+    scenario: str = "domain",
+    permute_first: bool = True,
+    val_fraction: float = 0.0,
+    train_per_task: int | None = None,
+    seed: int = 0,
+    name: str | None = None,
+    root: str | None = None,
+    download: bool = False,
+) -> Stream:
+    """Permuted-pixel tasks (Permuted MNIST): task t applies a fixed random pixel permutation.
+
+    ``permute_first=False`` keeps task 0 as the original images (some papers do); GPM permutes all.
+    Only the [T, C*H*W] permutation table is stored per task, never permuted images.
+    """
+    _check_scenario(scenario)
+    if num_tasks < 1:
+        raise ValueError(f"stream.num_tasks must be >= 1, got {num_tasks}")
+    generator = torch.Generator().manual_seed(seed)
+    num_pixels = math.prod(dataset.input_shape)
+    permutations = torch.stack([torch.randperm(num_pixels, generator=generator) for _ in range(num_tasks)])
+    if not permute_first:
+        permutations[0] = torch.arange(num_pixels)
+    tasks = _shared_tasks(dataset, num_tasks, "perm", val_fraction, train_per_task, generator)
+    mean, std = _norm_stats(dataset, num_tasks)
+    return Stream(
+        name=name or f"permuted_{dataset.name}",
+        scenario=scenario,
+        tasks=tasks,
+        x_train=dataset.x_train,
+        x_test=dataset.x_test,
+        mean=mean,
+        std=std,
+        num_classes=dataset.num_classes * (num_tasks if scenario == "class" else 1),
+        permutations=permutations,
+        info={"dataset": dataset.name, "root": root},
+    )
+
+
+def rotated_stream(
+    dataset: ImageDataset,
+    num_tasks: int,
+    scenario: str = "domain",
+    angles: Sequence[float] | None = None,
+    max_angle: float = 180.0,
+    val_fraction: float = 0.0,
+    train_per_task: int | None = None,
+    seed: int = 0,
+    name: str | None = None,
+    root: str | None = None,
+    download: bool = False,
+) -> Stream:
+    """Rotated tasks (Rotated MNIST): task t rotates every image by a fixed angle, evenly spaced in
+    [0, max_angle) unless ``angles`` lists them. Rotation happens per batch on the device."""
+    _check_scenario(scenario)
+    if angles is None:
+        angles = [max_angle * t / num_tasks for t in range(num_tasks)]
+    if len(angles) != num_tasks:
+        raise ValueError(f"stream.angles lists {len(angles)} angles for stream.num_tasks={num_tasks}")
+    generator = torch.Generator().manual_seed(seed)
+    tasks = _shared_tasks(dataset, num_tasks, "rot", val_fraction, train_per_task, generator)
+    mean, std = _norm_stats(dataset, num_tasks)
+    return Stream(
+        name=name or f"rotated_{dataset.name}",
+        scenario=scenario,
+        tasks=tasks,
+        x_train=dataset.x_train,
+        x_test=dataset.x_test,
+        mean=mean,
+        std=std,
+        num_classes=dataset.num_classes * (num_tasks if scenario == "class" else 1),
+        angles=torch.tensor([float(a) for a in angles]),
+        info={"dataset": dataset.name, "angles": [float(a) for a in angles], "root": root},
+    )
+
+
+def multi_dataset_stream(
+    datasets: Sequence[ImageDataset],
+    shape: Sequence[int] = (3, 32, 32),
+    scenario: str = "task",
+    num_tasks: int | None = None,
+    val_fraction: float = 0.0,
+    train_per_task: int | None = None,
+    seed: int = 0,
+    name: str | None = None,
+    root: str | None = None,
+    download: bool = False,
+) -> Stream:
+    """One task per dataset, all brought to ``shape`` (5-datasets: CIFAR-10, MNIST, SVHN, Fashion-MNIST,
+    notMNIST at 3x32x32). Each task is normalised with its own dataset's statistics."""
+    _check_scenario(scenario)
+    datasets = list(datasets)[: num_tasks or None]
+    shape = tuple(int(s) for s in shape)
+    generator = torch.Generator().manual_seed(seed)
+    x_train = torch.cat([resize_images(d.x_train, shape) for d in datasets])
+    x_test = torch.cat([resize_images(d.x_test, shape) for d in datasets])
+    tasks, means, stds = [], [], []
+    train_offset = test_offset = class_offset = 0
+    for t, d in enumerate(datasets):
+        resized_mean = [d.mean[0]] * shape[0] if len(d.mean) != shape[0] else list(d.mean)
+        resized_std = [d.std[0]] * shape[0] if len(d.std) != shape[0] else list(d.std)
+        means.append(resized_mean)
+        stds.append(resized_std)
+        shift = class_offset if scenario == "class" else 0
+        train_pos = _subsample(torch.arange(len(d.y_train)), train_per_task, generator)
+        train_pos, val_pos = _val_split(train_pos, val_fraction, generator)
+        tasks.append(
+            Task(
+                id=t,
+                name=d.name,
+                classes=tuple(range(class_offset, class_offset + d.num_classes)),
+                num_outputs=d.num_classes,
+                train_index=train_pos + train_offset,
+                train_targets=d.y_train[train_pos] + shift,
+                test_index=torch.arange(len(d.y_test)) + test_offset,
+                test_targets=d.y_test + shift,
+                val_index=val_pos + train_offset,
+                val_targets=d.y_train[val_pos] + shift,
+            )
+        )
+        train_offset += len(d.y_train)
+        test_offset += len(d.y_test)
+        class_offset += d.num_classes
+    return Stream(
+        name=name or "multi_dataset",
+        scenario=scenario,
+        tasks=tasks,
+        x_train=x_train,
+        x_test=x_test,
+        mean=torch.tensor(means),
+        std=torch.tensor(stds),
+        num_classes=class_offset,
+        info={"datasets": [d.name for d in datasets], "root": root},
+    )

@@ -1,0 +1,11 @@
+"""Fine-tuning: the lower-bound reference that trains on each task in turn with no protection."""
+
+from __future__ import annotations
+
+from clbench.strategy import Strategy
+
+
+class Finetune(Strategy):
+    """Plain sequential training (the base class's behaviour), named for configs and tables."""
+
+    name = "finetune"
