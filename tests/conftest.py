@@ -1,0 +1,44 @@
+"""Shared test helpers: compose the exact config a user gets, with tiny settings, and run it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from clbench.__main__ import CONFIG_DIR
+
+# Settings that keep an end-to-end run to a second or two on 2 CPU cores.
+TINY = [
+    "logger=none",
+    "device=cpu",
+    "verbose=false",
+    "trainer.progress=false",
+    "trainer.epochs=1",
+]
+
+
+def compose_config(overrides: list[str], results_dir: Path | str) -> DictConfig:
+    """The config `python -m clbench <overrides>` would run, with results under ``results_dir``."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[*overrides, f"results_dir={results_dir}"])
+
+
+def run_config(overrides: list[str], results_dir: Path | str, tiny: bool = True) -> dict[str, Any]:
+    """Compose and run one experiment in-process; returns its result dict."""
+    from clbench.runner import run
+
+    return run(compose_config([*(TINY if tiny else []), *overrides], results_dir))
+
+
+@pytest.fixture
+def run_tiny(tmp_path):
+    """``run_tiny(["strategy=joint", ...])`` runs a tiny experiment with results in a temp folder."""
+
+    def _run(overrides: list[str], results_dir: Path | None = None, tiny: bool = True) -> dict[str, Any]:
+        return run_config(overrides, results_dir or tmp_path / "results", tiny)
+
+    return _run
