@@ -1,0 +1,150 @@
+"""End-to-end runs of the real runner on composed configs (the configs a user gets)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clbench.runner import ConfigError, select_device
+from clbench.strategy import UnsupportedScenarioError
+
+
+def test_result_file_is_self_describing(run_tiny, tmp_path):
+    result = run_tiny(["stream=split_digits", "strategy=finetune"])
+    path = Path(result["paths"]["result"])
+    assert path == tmp_path / "results" / "split_digits" / "finetune" / result["run_id"] / "result.json"
+    saved = json.loads(path.read_text())
+    assert saved["status"] == "completed" and saved["units"] == "percent"
+    assert np.array(saved["acc_matrix"]).shape == (5, 5)
+    assert len(saved["random_init_acc"]) == 5
+    assert set(saved["metrics"]) >= {"acc", "bwt", "fwt", "forgetting"}
+    assert saved["config"]["stream"]["name"] == "split_digits"
+    assert saved["config"]["trainer"]["epochs"] == 1
+    assert len(saved["timings"]["fit_s"]) == 5 and saved["versions"]["torch"]
+    assert len(saved["learning_curves"]) == 5 and len(saved["learning_curves"][0][0]) == 1
+    assert (path.parent / "acc_matrix.png").stat().st_size > 0
+    assert (path.parent / "checkpoint.pt").exists()
+    assert saved["metrics"]["acc"] == pytest.approx(np.mean(saved["acc_matrix"][-1]))
+
+
+def test_finetune_forgets_on_permuted_mnist5k(run_tiny):
+    result = run_tiny(["strategy=finetune", "trainer.epochs=3"])
+    assert result["metrics"]["bwt"] < -1.0
+    assert result["metrics"]["forgetting"] > 1.0
+
+
+def test_independent_has_exactly_zero_transfer_and_gives_intransigence(run_tiny, tmp_path):
+    results = tmp_path / "shared"
+    independent = run_tiny(["strategy=independent"], results)
+    assert independent["metrics"]["bwt"] == 0.0
+    assert independent["metrics"]["fwt"] == 0.0
+    assert independent["metrics"]["forgetting"] == 0.0
+    assert independent["metrics"]["intransigence"] == 0.0
+    finetune = run_tiny(["strategy=finetune"], results)
+    diagonal = np.diag(np.array(independent["acc_matrix"]))
+    expected = float(np.mean(diagonal - np.diag(np.array(finetune["acc_matrix"]))))
+    assert finetune["metrics"]["intransigence"] == pytest.approx(expected)
+    other_seed = run_tiny(["strategy=finetune", "seed=1"], results)
+    assert "intransigence" not in other_seed["metrics"]
+
+
+def test_joint_beats_finetune(run_tiny):
+    finetune = run_tiny(["strategy=finetune", "trainer.epochs=3"])
+    joint = run_tiny(["strategy=joint", "trainer.epochs=3"])
+    assert joint["metrics"]["acc"] > finetune["metrics"]["acc"] + 2.0
+
+
+def test_joint_in_task_scenario_trains_every_seen_head(run_tiny):
+    result = run_tiny(["stream=split_digits", "strategy=joint", "trainer.epochs=3"])
+    final = np.array(result["acc_matrix"])[-1]
+    assert (final > 80).all()
+
+
+@pytest.mark.parametrize("scenario", ["task", "domain", "class"])
+def test_every_scenario_runs(run_tiny, scenario):
+    result = run_tiny(["stream=split_digits", f"stream.scenario={scenario}"])
+    assert result["status"] == "completed" and result["scenario"] == scenario
+
+
+def test_rotated_and_synthetic_streams_run(run_tiny):
+    assert (
+        run_tiny(
+            [
+                "stream=synthetic",
+                "model=alexnet",
+                "stream.dataset.shape=[3,32,32]",
+                "stream.num_tasks=2",
+                "stream.dataset.train_per_class=8",
+                "stream.dataset.test_per_class=4",
+            ]
+        )["status"]
+        == "completed"
+    )
+    rotated = run_tiny(
+        [
+            "stream=rotated_mnist",
+            "stream.dataset._target_=clbench.data.load_mnist5k",
+            "~stream.dataset.root",
+            "~stream.dataset.download",
+            "stream.num_tasks=3",
+        ]
+    )
+    assert rotated["status"] == "completed" and len(rotated["acc_matrix"]) == 3
+
+
+def test_same_seed_same_matrix(run_tiny, tmp_path):
+    first = run_tiny(["stream=split_digits", "resume=false"], tmp_path / "a")
+    second = run_tiny(["stream=split_digits", "resume=false"], tmp_path / "b")
+    assert first["acc_matrix"] == second["acc_matrix"]
+    assert first["run_id"] == second["run_id"]
+
+
+def test_completed_run_is_not_repeated(run_tiny, tmp_path, capsys):
+    first = run_tiny(["stream=split_digits"], tmp_path / "r")
+    second = run_tiny(["stream=split_digits"], tmp_path / "r")
+    assert second["finished_at"] == first["finished_at"]
+    assert "already completed" in capsys.readouterr().out
+
+
+def test_resume_from_checkpoint_gives_identical_matrix(run_tiny, tmp_path, monkeypatch):
+    full = run_tiny(["stream=split_digits", "deterministic=true"], tmp_path / "full")
+
+    from strategies.finetune import Finetune
+
+    original = Finetune.fit_task
+
+    def crash_on_task_3(self, task, trainer):
+        if task.id == 3:
+            raise RuntimeError("simulated crash")
+        original(self, task, trainer)
+
+    monkeypatch.setattr(Finetune, "fit_task", crash_on_task_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_tiny(["stream=split_digits", "deterministic=true"], tmp_path / "resumed")
+    run_dir = next((tmp_path / "resumed").glob("split_digits/finetune/*"))
+    failed = json.loads((run_dir / "result.json").read_text())
+    assert failed["status"] == "failed" and "simulated crash" in failed["error"]
+    assert len(failed["acc_matrix"]) == 3
+    monkeypatch.setattr(Finetune, "fit_task", original)
+    resumed = run_tiny(["stream=split_digits", "deterministic=true"], tmp_path / "resumed")
+    assert resumed["status"] == "completed"
+    assert resumed["acc_matrix"] == full["acc_matrix"]
+    torch.use_deterministic_algorithms(False)
+
+
+def test_scenario_mismatch_is_an_error_before_training(run_tiny, monkeypatch):
+    from strategies.finetune import Finetune
+
+    monkeypatch.setattr(Finetune, "scenarios", ("task",))
+    with pytest.raises(UnsupportedScenarioError, match=r"stream\.scenario=task"):
+        run_tiny(["stream=permuted_mnist5k"])
+
+
+def test_cuda_request_without_cuda_names_the_fix():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="device=cpu"):
+        select_device("cuda")
+    assert select_device("auto").type == "cpu"
