@@ -34,6 +34,7 @@ from clbench.results import (
     write_result,
 )
 from clbench.strategy import Strategy
+from clbench.sweeps import job_context
 from clbench.trainer import Trainer
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -43,12 +44,18 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the fix."""
 
 
-def select_device(name: str) -> torch.device:
-    """``auto`` takes CUDA when present, else the CPU; asking for CUDA where none exists is an error."""
+def select_device(name: str, job_num: int = 0) -> torch.device:
+    """``auto`` takes CUDA when present, else the CPU; asking for CUDA where none exists is an error.
+
+    With several GPUs, ``auto`` pins job ``job_num`` of a sweep to GPU ``job_num mod count``, so parallel
+    local jobs (joblib) spread over the node's GPUs instead of piling onto the first.
+    """
     if name not in DEVICES and not name.startswith("cuda:"):
         raise ConfigError(f"unknown device {name!r}: use one of {', '.join(DEVICES)} (or cuda:N)")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", job_num % torch.cuda.device_count())
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but no CUDA device is available here: use device=cpu or device=auto")
     return torch.device(name)
@@ -65,9 +72,21 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+PATH_KEYS = ("root", "download", "dataset_root")
+
+
+def _without_paths(node: Any) -> Any:
+    """A config node without where-the-data-lives keys, at any depth (they do not change results)."""
+    if isinstance(node, dict):
+        return {k: _without_paths(v) for k, v in node.items() if k not in PATH_KEYS}
+    if isinstance(node, list):
+        return [_without_paths(v) for v in node]
+    return node
+
+
 def _experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a config that change results (not paths, loggers or progress bars)."""
-    stream = {k: v for k, v in config.get("stream", {}).items() if k not in ("root", "download")}
+    stream = _without_paths(config.get("stream", {}))
     trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in ("progress", "eval_batch_size")}
     keys = ("model", "strategy", "seed", "deterministic")
     return {"stream": stream, "trainer": trainer, **{k: config.get(k) for k in keys}}
@@ -97,7 +116,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert isinstance(config, dict)
     config.pop("hydra", None)
-    device = select_device(str(cfg.device))
+    context = job_context()
+    device = select_device(str(cfg.device), context.job_num if context.multirun else 0)
     seed = int(cfg.seed)
     seed_everything(seed, bool(cfg.get("deterministic", False)))
 
@@ -145,7 +165,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         learning_curves = checkpoint["learning_curves"]
         print(f"clbench: resuming {run_dir} after task {first_task - 1}")
 
-    info = RunInfo(run_id, run_dir, stream.name, strategy.name, stream.scenario, seed, task_names, config)
+    group = f"{stream.name}/{context.sweep_dir.name}" if context.sweep_dir is not None else stream.name
+    info = RunInfo(run_id, run_dir, stream.name, strategy.name, stream.scenario, seed, task_names, config, group)
     for logger in loggers:
         logger.start(info)
         for t in range(first_task):
@@ -230,6 +251,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "backward_transfer": metrics.backward_transfer_matrix(acc_matrix),
         "forward_transfer": metrics.forward_transfer_matrix(acc_matrix, random_init_acc),
     }
+    extra = strategy.extra_results()
+    clashing = sorted(set(extra) & set(result))
+    if clashing:
+        raise ValueError(f"strategy {strategy.name!r} extra_results keys {clashing} clash with the result file's own")
+    result.update(extra)
     result["finished_at"] = datetime.now(timezone.utc).isoformat()
     snapshot("completed")
     heatmap = save_matrix(acc_matrix, f"{strategy.name} on {stream.name}: R (%)", run_dir / "acc_matrix.png")

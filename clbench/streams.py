@@ -157,7 +157,8 @@ def rotate(images: Tensor, degrees: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _val_split(positions: Tensor, val_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def val_split(positions: Tensor, val_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Hold out ``val_fraction`` of ``positions`` (drawn with ``generator``) as the validation set."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"stream.val_fraction must be in [0, 1), got {val_fraction}")
     shuffled = positions[torch.randperm(len(positions), generator=generator)]
@@ -229,7 +230,7 @@ def split_stream(
         label_map = global_position if scenario == "class" else local_position
         in_task = torch.isin(dataset.y_train, torch.tensor(classes))
         train_pos = _subsample(torch.nonzero(in_task).flatten(), train_per_task, generator)
-        train_pos, val_pos = _val_split(train_pos, val_fraction, generator)
+        train_pos, val_pos = val_split(train_pos, val_fraction, generator)
         test_pos = torch.nonzero(torch.isin(dataset.y_test, torch.tensor(classes))).flatten()
         tasks.append(
             Task(
@@ -269,7 +270,7 @@ def _shared_tasks(
 ) -> list[Task]:
     """Tasks that all see the whole label set through different input transforms (shared index tensors)."""
     train_pos = _subsample(torch.arange(len(dataset.y_train)), train_per_task, generator)
-    train_pos, val_pos = _val_split(train_pos, val_fraction, generator)
+    train_pos, val_pos = val_split(train_pos, val_fraction, generator)
     test_pos = torch.arange(len(dataset.y_test))
     train_y, val_y, test_y = dataset.y_train[train_pos], dataset.y_train[val_pos], dataset.y_test
     classes = tuple(range(dataset.num_classes))
@@ -397,7 +398,7 @@ def multi_dataset_stream(
         stds.append(resized_std)
         shift = class_offset if scenario == "class" else 0
         train_pos = _subsample(torch.arange(len(d.y_train)), train_per_task, generator)
-        train_pos, val_pos = _val_split(train_pos, val_fraction, generator)
+        train_pos, val_pos = val_split(train_pos, val_fraction, generator)
         tasks.append(
             Task(
                 id=t,
