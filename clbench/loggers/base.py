@@ -21,6 +21,7 @@ class RunInfo:
     seed: int
     task_names: list[str]
     config: dict[str, Any] = field(default_factory=dict)
+    group: str = ""  # runs of one sweep share it (W&B group); the stream's name for a single run
 
 
 class Logger:

@@ -36,7 +36,7 @@ class WandbLogger(Logger):
         mode: str = "offline",
         project: str = "clbench",
         entity: str | None = None,
-        group: str | None = None,
+        group: str | None = None,  # None: the sweep (or, for one run, the stream)
         tags: Sequence[str] = (),
     ) -> None:
         if mode not in MODES:
@@ -53,7 +53,7 @@ class WandbLogger(Logger):
             mode=self.mode,
             project=self.project,
             entity=self.entity,
-            group=self.group or run.stream,
+            group=self.group or run.group or run.stream,
             name=f"{run.strategy}-seed{run.seed}",
             job_type=run.strategy,
             tags=[*self.tags, run.stream, run.strategy, run.scenario],

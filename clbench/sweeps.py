@@ -1,0 +1,95 @@
+"""What clbench adds to Hydra's multirun: a per-job record, a sweep index, worker counts, GPU pinning.
+
+Scheduling itself is left to Hydra's launcher plugins (basic, joblib, submitit, Ray); clbench never runs
+its own scheduler. Each job writes ``job.json`` into its Hydra output folder; when the sweep ends, the
+:class:`SweepIndex` callback gathers them into ``<sweep dir>/index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from clbench.results import atomic_write_bytes, json_ready
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Where a run sits in a sweep (``multirun`` False for a single run or a run outside Hydra)."""
+
+    multirun: bool = False
+    job_num: int = 0
+    output_dir: Path | None = None
+    sweep_dir: Path | None = None
+    overrides: tuple[str, ...] = ()
+
+
+def job_context() -> JobContext:
+    """The current Hydra job's place in its sweep, or the default context outside a Hydra app."""
+    if not HydraConfig.initialized():
+        return JobContext()
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    return JobContext(
+        multirun=multirun,
+        job_num=int(hydra_cfg.job.get("num", 0) or 0),
+        output_dir=Path(hydra_cfg.runtime.output_dir),
+        sweep_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
+        overrides=tuple(hydra_cfg.overrides.task),
+    )
+
+
+def default_workers() -> int:
+    """Parallel jobs for a local launcher: one per GPU where there are GPUs, else one per CPU core."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return max(1, os.cpu_count() or 1)
+
+
+def register_resolvers() -> None:
+    """``${clbench_workers:}`` for launcher presets (registered once, before Hydra composes)."""
+    if not OmegaConf.has_resolver("clbench_workers"):
+        OmegaConf.register_new_resolver("clbench_workers", default_workers)
+
+
+def write_job_record(context: JobContext, record: dict[str, Any]) -> None:
+    """Write this job's ``job.json`` (status, result path, overrides) into its Hydra output folder."""
+    if context.output_dir is None:
+        return
+    payload = {"job_num": context.job_num, "overrides": list(context.overrides), **record}
+    atomic_write_bytes(context.output_dir / "job.json", json.dumps(json_ready(payload), indent=2).encode())
+
+
+class SweepIndex(Callback):
+    """Hydra callback: at the end of a multirun, write ``index.json`` listing every job and its result."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = []
+        for path in sorted(
+            sweep_dir.glob("*/job.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0
+        ):
+            try:
+                jobs.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError):
+                jobs.append({"job_dir": str(path.parent), "status": "unreadable"})
+        counts: dict[str, int] = {}
+        for job in jobs:
+            counts[job.get("status", "unknown")] = counts.get(job.get("status", "unknown"), 0) + 1
+        index = {"sweep_dir": str(sweep_dir), "jobs": jobs, "counts": counts}
+        atomic_write_bytes(sweep_dir / "index.json", json.dumps(json_ready(index), indent=2).encode())
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        print(f"clbench: sweep finished ({summary}); index: {sweep_dir / 'index.json'}")

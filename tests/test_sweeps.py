@@ -1,0 +1,73 @@
+"""Sweeps through Hydra's launchers, for real on CPU, plus composition of the cluster presets."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clbench.__main__ import check_group_choices
+
+QUIET = ["stream=split_digits", "logger=none", "trainer.progress=false", "trainer.epochs=1", "verbose=false"]
+
+
+def clbench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "clbench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def _index(results: Path) -> dict:
+    indexes = list(results.glob("_hydra/sweeps/*/index.json"))
+    assert len(indexes) == 1, "expected one sweep index"
+    return json.loads(indexes[0].read_text())
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
+def test_two_job_sweep_writes_results_and_index(tmp_path, launcher):
+    extra = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
+    if launcher == "joblib":
+        extra.append("hydra.launcher.n_jobs=2")
+    done = clbench("-m", *extra, "strategy=finetune,joint", f"results_dir={tmp_path}", *QUIET, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    index = _index(tmp_path)
+    assert index["counts"] == {"completed": 2}
+    for job in index["jobs"]:
+        assert json.loads(Path(job["result"]).read_text())["status"] == "completed"
+    assert {p.parent.parent.name for p in tmp_path.glob("split_digits/*/*/result.json")} == {"finetune", "joint"}
+
+
+def test_failing_job_is_isolated(tmp_path):
+    done = clbench("-m", "trainer.lr=0.05,0.1,0.2,1e30", f"results_dir={tmp_path}", *QUIET, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    index = _index(tmp_path)
+    assert index["counts"] == {"completed": 3, "failed": 1}
+    statuses = sorted(json.loads(p.read_text())["status"] for p in tmp_path.glob("split_digits/finetune/*/result.json"))
+    assert statuses == ["completed", "completed", "completed", "failed"]
+    assert "training loss became nan" in done.stderr
+
+
+@pytest.mark.parametrize("launcher", ["submitit_slurm", "ray", "joblib", "submitit_local"])
+def test_launcher_presets_compose(launcher):
+    done = clbench(f"hydra/launcher={launcher}", "--cfg", "hydra", "-p", "hydra.launcher", cwd=Path.cwd())
+    assert done.returncode == 0, done.stderr
+    assert "_target_: hydra_plugins." in done.stdout
+
+
+def test_unknown_group_choice_lists_known_names(tmp_path):
+    done = clbench("strategy=finetune,nope", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "clbench: error: unknown strategy 'nope': known strategy configs are "
+        + ", ".join(sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "strategy").glob("*.yaml")))
+    ]
+
+
+def test_group_check_respects_extra_config_dirs(tmp_path):
+    (tmp_path / "strategy").mkdir()
+    (tmp_path / "strategy" / "mine.yaml").write_text("_target_: x.Y\n")
+    assert check_group_choices(["--config-dir", str(tmp_path), "strategy=mine"]) is None
+    assert "unknown model" in check_group_choices(["model=vgg"])
