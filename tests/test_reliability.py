@@ -105,8 +105,18 @@ def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
     assert "Traceback" not in done.stderr
 
 
-def test_nan_run_keeps_finished_tasks(run_tiny, tmp_path):
-    with pytest.raises(Exception, match="loss became"):
-        run_tiny(["stream=split_digits", "trainer.lr=1e30"], tmp_path)
+def test_nan_run_keeps_finished_tasks(run_tiny, tmp_path, monkeypatch):
+    from strategies.finetune import Finetune
+
+    original = Finetune.loss
+
+    def nan_on_task_2(self, output, y, batch, task):
+        loss = original(self, output, y, batch, task)
+        return loss * float("nan") if task.id == 2 else loss
+
+    monkeypatch.setattr(Finetune, "loss", nan_on_task_2)
+    with pytest.raises(Exception, match="loss became nan in task 2 epoch 0"):
+        run_tiny(["stream=split_digits"], tmp_path)
     result = json.loads(next(Path(tmp_path).glob("split_digits/finetune/*/result.json")).read_text())
     assert result["status"] == "failed" and "NonFiniteLossError" in result["error"]
+    assert result["tasks_completed"] == 2 and len(result["acc_matrix"]) == 2
