@@ -46,3 +46,18 @@ def save_matrix(matrix: np.ndarray | Sequence[Sequence[float]], title: str, path
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def save_curve(values: Sequence[float], title: str, path: Path) -> Path:
+    """Accuracy after each task (percent) as a line: the view of a long stream whose R is not square."""
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(range(1, len(values) + 1), values, lw=1.5)
+    axes.set_xlabel("tasks trained")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.grid(alpha=0.3)
+    axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -24,7 +24,7 @@ import pandas as pd
 
 DEFAULT_METRICS = ("acc", "bwt", "fwt", "forgetting")
 LABELS = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "Forgetting", "intransigence": "Intransigence"}
-OPTIONAL_METRICS = ("intransigence",)
+OPTIONAL_METRICS = ("intransigence", "acc_final", "acc_mean_over_time", "accumulation_gain")
 FORMATS = ("markdown", "latex", "csv", "html")
 PUBLISHED = Path(__file__).resolve().parent / "reference" / "published.csv"
 

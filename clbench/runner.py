@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from clbench import metrics
 from clbench.loggers.base import Logger, RunInfo
 from clbench.loggers.console import ConsoleLogger
-from clbench.plots import save_matrix
+from clbench.plots import save_curve, save_matrix
 from clbench.results import (
     SCHEMA,
     atomic_torch_save,
@@ -33,6 +33,7 @@ from clbench.results import (
     read_result,
     write_result,
 )
+from clbench.scole import accumulation_summary
 from clbench.strategy import Strategy
 from clbench.sweeps import job_context
 from clbench.trainer import Trainer
@@ -145,9 +146,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.attach(stream, seed)
     give_task_id = stream.scenario == "task" or strategy.uses_task_oracle
     num_tasks = len(stream)
-    task_names = [task.name for task in stream]
+    task_names = [task.name for task in stream.evaluation_tasks]
 
-    acc_matrix = np.full((num_tasks, num_tasks), np.nan)
+    acc_matrix = np.full((num_tasks, len(stream.evaluation_tasks)), np.nan)
+    class_acc: list[list[float]] = []
     fit_seconds: list[float] = []
     eval_seconds: list[float] = []
     learning_curves: list[list[list[float]]] = []
@@ -163,10 +165,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         random_init_acc = np.asarray(checkpoint["random_init_acc"])
         fit_seconds, eval_seconds = checkpoint["fit_seconds"], checkpoint["eval_seconds"]
         learning_curves = checkpoint["learning_curves"]
+        class_acc = checkpoint.get("class_acc", [])
         print(f"clbench: resuming {run_dir} after task {first_task - 1}")
 
     group = f"{stream.name}/{context.sweep_dir.name}" if context.sweep_dir is not None else stream.name
-    info = RunInfo(run_id, run_dir, stream.name, strategy.name, stream.scenario, seed, task_names, config, group)
+    info = RunInfo(
+        run_id, run_dir, stream.name, strategy.name, stream.scenario, seed, task_names, config, group, num_tasks
+    )
     for logger in loggers:
         logger.start(info)
         for t in range(first_task):
@@ -202,6 +207,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             timings={"fit_s": fit_seconds, "eval_s": eval_seconds, "total_s": time.perf_counter() - started},
             learning_curves=learning_curves,
         )
+        if not stream.square:
+            result.update(acc_over_time=acc_matrix[:done].mean(axis=1).tolist(), class_acc=class_acc[:done])
         if error is not None:
             result["error"] = error
         return result
@@ -217,6 +224,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             learning_curves.append(trainer.epoch_losses[curves_before:])
             tick = time.perf_counter()
             acc_matrix[task.id] = trainer.evaluate(strategy, give_task_id)
+            if not stream.square:
+                class_acc.append(
+                    trainer.class_accuracy(strategy, stream.evaluation_tasks[0], stream.num_classes, give_task_id)
+                )
             eval_seconds.append(time.perf_counter() - tick)
             for logger in loggers:
                 logger.log_task(task.id, acc_matrix, random_init_acc)
@@ -230,6 +241,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "fit_seconds": fit_seconds,
                     "eval_seconds": eval_seconds,
                     "learning_curves": learning_curves,
+                    "class_acc": class_acc,
                 },
                 checkpoint_path,
             )
@@ -241,16 +253,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             logger.finish(failed)
         raise
 
-    reference_acc = find_reference_acc(Path(str(cfg.results_dir)), stream.name, seed, config["stream"])
-    if strategy.name == "independent":
-        reference_acc = np.diag(acc_matrix).tolist()
-    result["reference_acc"] = reference_acc
-    result["metrics"] = metrics.summarize(acc_matrix, random_init_acc, reference_acc)
-    result["matrices"] = {
-        "forgetting": metrics.forgetting_matrix(acc_matrix),
-        "backward_transfer": metrics.backward_transfer_matrix(acc_matrix),
-        "forward_transfer": metrics.forward_transfer_matrix(acc_matrix, random_init_acc),
-    }
+    title = f"{strategy.name} on {stream.name}"
+    if stream.square:
+        reference_acc = find_reference_acc(Path(str(cfg.results_dir)), stream.name, seed, config["stream"])
+        if strategy.name == "independent":
+            reference_acc = np.diag(acc_matrix).tolist()
+        result["reference_acc"] = reference_acc
+        result["metrics"] = metrics.summarize(acc_matrix, random_init_acc, reference_acc)
+        result["matrices"] = {
+            "forgetting": metrics.forgetting_matrix(acc_matrix),
+            "backward_transfer": metrics.backward_transfer_matrix(acc_matrix),
+            "forward_transfer": metrics.forward_transfer_matrix(acc_matrix, random_init_acc),
+        }
+        result["paths"]["heatmap"] = str(save_matrix(acc_matrix, f"{title}: R (%)", run_dir / "acc_matrix.png"))
+    else:
+        over_time = acc_matrix.mean(axis=1).tolist()
+        result["metrics"] = accumulation_summary(over_time)
+        result["paths"]["curve"] = str(save_curve(over_time, f"{title}: full test set", run_dir / "acc_over_time.png"))
     extra = strategy.extra_results()
     clashing = sorted(set(extra) & set(result))
     if clashing:
@@ -258,8 +277,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result.update(extra)
     result["finished_at"] = datetime.now(timezone.utc).isoformat()
     snapshot("completed")
-    heatmap = save_matrix(acc_matrix, f"{strategy.name} on {stream.name}: R (%)", run_dir / "acc_matrix.png")
-    result["paths"]["heatmap"] = str(heatmap)
     write_result(result_path, result)
     for logger in loggers:
         logger.finish(result)

@@ -116,6 +116,11 @@ class Strategy:
         assert self.model is not None
         return [self.model]
 
+    def extra_results(self) -> dict[str, Any]:
+        """Method-specific results the runner adds to result.json when the run completes (e.g. mask
+        storage, task-inference accuracy); keys must not clash with the runner's own."""
+        return {}
+
     # -- persistence ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue after the last finished task."""

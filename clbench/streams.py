@@ -75,6 +75,19 @@ class Stream:
     permutations: Tensor | None = None
     angles: Tensor | None = None
     info: dict = field(default_factory=dict)
+    eval_tasks: list[Task] | None = None
+    mask_absent_classes: bool = False
+
+    @property
+    def evaluation_tasks(self) -> list[Task]:
+        """What each row of R is measured on: the tasks themselves (square R), or, for long streams such
+        as SCoLe, fixed evaluation sets (e.g. the whole test set), giving a T x E matrix."""
+        return self.eval_tasks if self.eval_tasks is not None else self.tasks
+
+    @property
+    def square(self) -> bool:
+        """Whether R is the usual T x T matrix that ACC / BWT / FWT / forgetting are defined on."""
+        return self.eval_tasks is None
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -112,6 +125,7 @@ class Stream:
         return replace(
             self,
             tasks=[task.to(device) for task in self.tasks],
+            eval_tasks=None if self.eval_tasks is None else [task.to(device) for task in self.eval_tasks],
             x_train=self.x_train.to(device),
             x_test=self.x_test.to(device),
             mean=self.mean.to(device),
@@ -196,6 +210,7 @@ def split_stream(
     name: str | None = None,
     root: str | None = None,
     download: bool = False,
+    order_seed: int | None = None,
 ) -> Stream:
     """Split a dataset by classes into ``num_tasks`` disjoint tasks (Split MNIST / CIFAR-100 protocols).
 
@@ -247,16 +262,19 @@ def split_stream(
             )
         )
     mean, std = _norm_stats(dataset, num_tasks)
-    return Stream(
-        name=name or f"split_{dataset.name}",
-        scenario=scenario,
-        tasks=tasks,
-        x_train=dataset.x_train,
-        x_test=dataset.x_test,
-        mean=mean,
-        std=std,
-        num_classes=num_tasks * classes_per_task,
-        info={"dataset": dataset.name, "class_order": order[: num_tasks * classes_per_task], "root": root},
+    return reorder_tasks(
+        Stream(
+            name=name or f"split_{dataset.name}",
+            scenario=scenario,
+            tasks=tasks,
+            x_train=dataset.x_train,
+            x_test=dataset.x_test,
+            mean=mean,
+            std=std,
+            num_classes=num_tasks * classes_per_task,
+            info={"dataset": dataset.name, "class_order": order[: num_tasks * classes_per_task], "root": root},
+        ),
+        order_seed,
     )
 
 
@@ -302,6 +320,7 @@ def permuted_stream(
     name: str | None = None,
     root: str | None = None,
     download: bool = False,
+    order_seed: int | None = None,
 ) -> Stream:
     """Permuted-pixel tasks (Permuted MNIST): task t applies a fixed random pixel permutation.
 
@@ -318,17 +337,20 @@ def permuted_stream(
         permutations[0] = torch.arange(num_pixels)
     tasks = _shared_tasks(dataset, num_tasks, "perm", val_fraction, train_per_task, generator)
     mean, std = _norm_stats(dataset, num_tasks)
-    return Stream(
-        name=name or f"permuted_{dataset.name}",
-        scenario=scenario,
-        tasks=tasks,
-        x_train=dataset.x_train,
-        x_test=dataset.x_test,
-        mean=mean,
-        std=std,
-        num_classes=dataset.num_classes * (num_tasks if scenario == "class" else 1),
-        permutations=permutations,
-        info={"dataset": dataset.name, "root": root},
+    return reorder_tasks(
+        Stream(
+            name=name or f"permuted_{dataset.name}",
+            scenario=scenario,
+            tasks=tasks,
+            x_train=dataset.x_train,
+            x_test=dataset.x_test,
+            mean=mean,
+            std=std,
+            num_classes=dataset.num_classes * (num_tasks if scenario == "class" else 1),
+            permutations=permutations,
+            info={"dataset": dataset.name, "root": root},
+        ),
+        order_seed,
     )
 
 
@@ -344,6 +366,7 @@ def rotated_stream(
     name: str | None = None,
     root: str | None = None,
     download: bool = False,
+    order_seed: int | None = None,
 ) -> Stream:
     """Rotated tasks (Rotated MNIST): task t rotates every image by a fixed angle, evenly spaced in
     [0, max_angle) unless ``angles`` lists them. Rotation happens per batch on the device."""
@@ -355,17 +378,20 @@ def rotated_stream(
     generator = torch.Generator().manual_seed(seed)
     tasks = _shared_tasks(dataset, num_tasks, "rot", val_fraction, train_per_task, generator)
     mean, std = _norm_stats(dataset, num_tasks)
-    return Stream(
-        name=name or f"rotated_{dataset.name}",
-        scenario=scenario,
-        tasks=tasks,
-        x_train=dataset.x_train,
-        x_test=dataset.x_test,
-        mean=mean,
-        std=std,
-        num_classes=dataset.num_classes * (num_tasks if scenario == "class" else 1),
-        angles=torch.tensor([float(a) for a in angles]),
-        info={"dataset": dataset.name, "angles": [float(a) for a in angles], "root": root},
+    return reorder_tasks(
+        Stream(
+            name=name or f"rotated_{dataset.name}",
+            scenario=scenario,
+            tasks=tasks,
+            x_train=dataset.x_train,
+            x_test=dataset.x_test,
+            mean=mean,
+            std=std,
+            num_classes=dataset.num_classes * (num_tasks if scenario == "class" else 1),
+            angles=torch.tensor([float(a) for a in angles]),
+            info={"dataset": dataset.name, "angles": [float(a) for a in angles], "root": root},
+        ),
+        order_seed,
     )
 
 
@@ -380,6 +406,7 @@ def multi_dataset_stream(
     name: str | None = None,
     root: str | None = None,
     download: bool = False,
+    order_seed: int | None = None,
 ) -> Stream:
     """One task per dataset, all brought to ``shape`` (5-datasets: CIFAR-10, MNIST, SVHN, Fashion-MNIST,
     notMNIST at 3x32x32). Each task is normalised with its own dataset's statistics."""
@@ -416,14 +443,35 @@ def multi_dataset_stream(
         train_offset += len(d.y_train)
         test_offset += len(d.y_test)
         class_offset += d.num_classes
-    return Stream(
-        name=name or "multi_dataset",
-        scenario=scenario,
-        tasks=tasks,
-        x_train=x_train,
-        x_test=x_test,
-        mean=torch.tensor(means),
-        std=torch.tensor(stds),
-        num_classes=class_offset,
-        info={"datasets": [d.name for d in datasets], "root": root},
+    return reorder_tasks(
+        Stream(
+            name=name or "multi_dataset",
+            scenario=scenario,
+            tasks=tasks,
+            x_train=x_train,
+            x_test=x_test,
+            mean=torch.tensor(means),
+            std=torch.tensor(stds),
+            num_classes=class_offset,
+            info={"datasets": [d.name for d in datasets], "root": root},
+        ),
+        order_seed,
+    )
+
+
+def reorder_tasks(stream: Stream, order_seed: int | None) -> Stream:
+    """The same tasks in a random order drawn from ``order_seed`` (None: unchanged), renumbered 0..T-1,
+    with each task's permutation / angle / normalisation moved along with it (task-order robustness)."""
+    if order_seed is None:
+        return stream
+    order = torch.randperm(len(stream.tasks), generator=torch.Generator().manual_seed(order_seed)).tolist()
+    pick = lambda table: None if table is None else table[order]  # noqa: E731
+    return replace(
+        stream,
+        tasks=[replace(stream.tasks[k], id=new) for new, k in enumerate(order)],
+        permutations=pick(stream.permutations),
+        angles=pick(stream.angles),
+        mean=stream.mean[order],
+        std=stream.std[order],
+        info={**stream.info, "task_order": order, "order_seed": order_seed},
     )

@@ -27,6 +27,12 @@ class Trainer:
     No DataLoader: each epoch draws a permutation on the device and gathers batches from the stream's
     device-resident pool. The loss is accumulated on the device and read once per epoch, so the step
     loop never waits for the host.
+
+    Optional paper-protocol schedule (GPM / TRGP official code; all off by default): with ``lr_patience``
+    > 0 the validation loss is read at the end of every epoch; after ``lr_patience`` epochs without a new
+    best the lr is divided by ``lr_factor``, and training of the task stops once the lr falls below
+    ``lr_min``. ``restore_best`` puts back, at the end of the task, the trained parameters of the epoch
+    with the lowest validation loss. Both need a validation split (``stream.val_fraction`` > 0).
     """
 
     epochs: int = 1
@@ -37,9 +43,14 @@ class Trainer:
     weight_decay: float = 0.0
     eval_batch_size: int = 1000
     progress: bool = True
+    lr_patience: int = 0
+    lr_factor: float = 2.0
+    lr_min: float = 0.0
+    restore_best: bool = False
     stream: Stream | None = None
     generator: torch.Generator | None = None
     epoch_losses: list[list[float]] = field(default_factory=list)
+    val_losses: list[list[float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -49,6 +60,17 @@ class Trainer:
                 raise ValueError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
         if not self.lr > 0:
             raise ValueError(f"trainer.lr must be positive, got {self.lr}")
+        if self.lr_patience < 0:
+            raise ValueError(f"trainer.lr_patience must be >= 0 (0 turns the lr schedule off), got {self.lr_patience}")
+        if not self.lr_factor > 1:
+            raise ValueError(f"trainer.lr_factor must be > 1 (the lr is divided by it), got {self.lr_factor}")
+        if self.lr_min < 0:
+            raise ValueError(f"trainer.lr_min must be >= 0, got {self.lr_min}")
+
+    @property
+    def validates(self) -> bool:
+        """Whether ``fit`` reads a validation loss every epoch (lr schedule or restore-best on)."""
+        return self.lr_patience > 0 or self.restore_best
 
     def attach(self, stream: Stream, seed: int) -> None:
         """Bind the device-resident stream and a generator for batch order on its device."""
@@ -88,7 +110,16 @@ class Trainer:
         epochs = self.epochs if epochs is None else epochs
         num_samples = int(index.numel())
         steps = math.ceil(num_samples / self.batch_size)
-        optimizer = self.make_optimizer(strategy.parameters(current) if params is None else params)
+        if self.validates and any(t.val_index.numel() == 0 for t in tasks):
+            raise ValueError(
+                "trainer.lr_patience / trainer.restore_best need a validation split: set stream.val_fraction > 0"
+            )
+        trained = list(strategy.parameters(current) if params is None else params)
+        optimizer = self.make_optimizer(trained)
+        lr, patience, best_loss = self.lr, self.lr_patience, math.inf
+        best_state: list[Tensor] | None = None
+        val_losses: list[float] = []
+        absent = self._absent_classes(tasks)
         for module in strategy.eval_modules():
             module.train()
         losses: list[float] = []
@@ -110,6 +141,8 @@ class Trainer:
                     stream.inputs("train", index[chosen], batch_ids), targets[chosen], batch_ids, index[chosen]
                 )
                 output = strategy.forward(batch.x, batch.task_ids)
+                if absent is not None:
+                    output = output.masked_fill(absent, torch.finfo(output.dtype).min)
                 loss = strategy.loss(output, batch.y, batch, current)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -127,9 +160,63 @@ class Trainer:
                 )
             losses.append(mean_loss)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if not self.validates:
+                continue
+            val_loss = float(self.validation_loss(strategy, tasks))
+            val_losses.append(val_loss)
+            for module in strategy.eval_modules():
+                module.train()
+            if val_loss < best_loss:
+                best_loss, patience = val_loss, self.lr_patience
+                if self.restore_best:
+                    best_state = [p.detach().clone() for p in trained]
+            elif self.lr_patience > 0:
+                patience -= 1
+                if patience <= 0:
+                    lr /= self.lr_factor
+                    if lr < self.lr_min:
+                        break
+                    patience = self.lr_patience
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
         bar.close()
+        if best_state is not None:
+            with torch.no_grad():
+                for param, best in zip(trained, best_state, strict=True):
+                    param.copy_(best)
         self.epoch_losses.append(losses)
+        self.val_losses.append(val_losses)
         return losses
+
+    def _absent_classes(self, tasks: Sequence[Task]) -> Tensor | None:
+        """Group masking (Lesort et al., SCoLe): a [outputs] mask of the shared head's classes that the
+        tasks being trained do not contain; their logits are pushed to the minimum so the loss never
+        pushes down classes that are merely absent from this task. None where the stream does not ask."""
+        assert self.stream is not None
+        if not self.stream.mask_absent_classes:
+            return None
+        absent = torch.ones(self.stream.head_sizes[0], dtype=torch.bool, device=self.stream.device)
+        for task in tasks:
+            absent[list(task.classes)] = False
+        return absent
+
+    @torch.no_grad()
+    def validation_loss(self, strategy: Strategy, tasks: Sequence[Task]) -> Tensor:
+        """Mean cross-entropy (a 0-d tensor) on the validation split of ``tasks``, in eval mode, through
+        the strategy's training-time forward (as GPM's ``test`` on the validation set)."""
+        assert self.stream is not None
+        for module in strategy.eval_modules():
+            module.eval()
+        total = torch.zeros((), device=self.stream.device)
+        count = 0
+        for task in tasks:
+            for start in range(0, int(task.val_index.numel()), self.eval_batch_size):
+                chosen = task.val_index[start : start + self.eval_batch_size]
+                logits = strategy.forward(self.stream.inputs("train", chosen, task.id), task.id)
+                targets = task.val_targets[start : start + self.eval_batch_size]
+                total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+                count += int(chosen.numel())
+        return total / max(1, count)
 
     @torch.inference_mode()
     def accuracy(self, strategy: Strategy, task: Task, split: str = "test", give_task_id: bool = True) -> Tensor:
@@ -151,5 +238,25 @@ class Trainer:
         assert self.stream is not None
         for module in strategy.eval_modules():
             module.eval()
-        row = torch.stack([self.accuracy(strategy, task, "test", give_task_id) for task in self.stream])
+        tasks = self.stream.evaluation_tasks
+        row = torch.stack([self.accuracy(strategy, task, "test", give_task_id) for task in tasks])
         return row.cpu().tolist()
+
+    @torch.inference_mode()
+    def class_accuracy(self, strategy: Strategy, task: Task, num_classes: int, give_task_id: bool) -> list[float]:
+        """Per-class test accuracy (percent; NaN for a class absent from the set) on one evaluation set."""
+        assert self.stream is not None
+        for module in strategy.eval_modules():
+            module.eval()
+        correct = torch.zeros(num_classes, device=task.test_index.device)
+        total = torch.zeros(num_classes, device=task.test_index.device)
+        for start in range(0, int(task.test_index.numel()), self.eval_batch_size):
+            chosen = slice(start, start + self.eval_batch_size)
+            targets = task.test_targets[chosen]
+            logits = strategy.predict(
+                self.stream.inputs("test", task.test_index[chosen], task.id), task.id if give_task_id else None
+            )
+            hits = (logits.argmax(dim=1) == targets).float()
+            correct += torch.bincount(targets, weights=hits, minlength=num_classes)[:num_classes]
+            total += torch.bincount(targets, minlength=num_classes)[:num_classes].float()
+        return (correct * 100.0 / total).cpu().tolist()

@@ -100,3 +100,17 @@ def test_multi_dataset_resizes_and_offsets():
 def test_unknown_scenario_is_rejected(digits):
     with pytest.raises(ValueError, match="scenario"):
         split_stream(digits, num_tasks=5, scenario="instance")
+
+
+def test_order_seed_moves_each_task_with_its_transform(digits):
+    plain = permuted_stream(digits, num_tasks=4, seed=5)
+    shuffled = permuted_stream(digits, num_tasks=4, seed=5, order_seed=2)
+    order = shuffled.info["task_order"]
+    assert sorted(order) == [0, 1, 2, 3] and order != [0, 1, 2, 3]
+    index = torch.arange(3)
+    for new, old in enumerate(order):
+        assert shuffled.tasks[new].id == new
+        assert torch.equal(shuffled.inputs("test", index, new), plain.inputs("test", index, old))
+    split = split_stream(digits, num_tasks=5, classes_per_task=2, order_seed=1)
+    assert sorted(t.classes for t in split) == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    assert [t.classes for t in split] != sorted(t.classes for t in split)

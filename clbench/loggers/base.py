@@ -22,6 +22,7 @@ class RunInfo:
     task_names: list[str]
     config: dict[str, Any] = field(default_factory=dict)
     group: str = ""  # runs of one sweep share it (W&B group); the stream's name for a single run
+    num_tasks: int = 0  # training tasks (rows of R); task_names names the evaluation sets (columns)
 
 
 class Logger:

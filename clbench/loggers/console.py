@@ -22,34 +22,53 @@ def format_matrix(matrix: np.ndarray, random_init_acc: np.ndarray | None = None)
 
 def format_summary(metrics: dict[str, float]) -> str:
     """``ACC 91.20% | BWT -3.10% | FWT 0.20% | forgetting 3.40%`` (whatever metrics are present)."""
-    labels = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "intransigence": "intransigence"}
+    labels = {
+        "acc": "ACC",
+        "bwt": "BWT",
+        "fwt": "FWT",
+        "forgetting": "forgetting",
+        "intransigence": "intransigence",
+        "acc_first": "first",
+        "acc_final": "final",
+        "acc_mean_over_time": "mean over time",
+        "accumulation_gain": "gain",
+    }
     parts = [f"{labels.get(k, k)} {v:.2f}%" for k, v in metrics.items() if isinstance(v, float) and k in labels]
     return " | ".join(parts)
 
 
 class ConsoleLogger(Logger):
-    """Prints one line per finished task and, at the end, the matrix and the summary."""
+    """Prints a line per finished task (every ~5% of a long stream) and, at the end, the matrix (when it
+    is small enough to read) and the summary."""
+
+    MAX_PRINTED_ROWS = 30
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.every = 1
 
     def start(self, run: RunInfo) -> None:
         if self.enabled:
+            self.every = 1 if run.num_tasks <= 50 else run.num_tasks // 20
             print(
-                f"clbench: {run.strategy} on {run.stream} ({run.scenario} scenario, {len(run.task_names)} tasks, "
+                f"clbench: {run.strategy} on {run.stream} ({run.scenario} scenario, {run.num_tasks} tasks, "
                 f"seed {run.seed}) -> {run.run_dir}"
             )
 
     def log_task(self, task_id: int, acc_matrix: np.ndarray, random_init_acc: np.ndarray) -> None:
-        if self.enabled:
-            seen = acc_matrix[task_id, : task_id + 1]
-            print(f"  after task {task_id}: mean accuracy on tasks seen so far {seen.mean():.2f}%")
+        if not self.enabled or (task_id + 1) % self.every:
+            return
+        if acc_matrix.shape[0] == acc_matrix.shape[1]:
+            seen = acc_matrix[task_id, : task_id + 1].mean()
+            print(f"  after task {task_id}: mean accuracy on tasks seen so far {seen:.2f}%")
+        else:
+            print(f"  after task {task_id}: accuracy on the evaluation set {acc_matrix[task_id].mean():.2f}%")
 
     def finish(self, result: dict[str, Any]) -> None:
         if not self.enabled:
             return
         matrix = np.asarray(result["acc_matrix"], dtype=np.float64)
-        if matrix.size:
+        if matrix.size and matrix.shape[0] <= self.MAX_PRINTED_ROWS and matrix.shape[0] == matrix.shape[1]:
             print(format_matrix(matrix, np.asarray(result["random_init_acc"], dtype=np.float64)))
         if result["status"] == "completed":
             summary = format_summary(result["metrics"])

@@ -75,6 +75,9 @@ class WandbLogger(Logger):
         if self.run is None:
             return
         rows = acc_matrix[: task_id + 1]
+        if acc_matrix.shape[0] != acc_matrix.shape[1]:  # long stream: a curve, not a matrix per task
+            self.run.log({"acc_eval_set": float(rows[task_id].mean()), "task": task_id}, step=task_id)
+            return
         payload = self._log_matrix("acc_matrix", rows, task_id)
         payload["acc_seen"] = float(rows[task_id, : task_id + 1].mean())
         payload["acc_all"] = float(rows[task_id].mean())
