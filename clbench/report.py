@@ -87,6 +87,7 @@ def runs_frame(results: Sequence[dict[str, Any]]) -> pd.DataFrame:
             "reference": config.get("reference") or "",
             "model": str(config.get("model", {}).get("_target_", "")).rsplit(".", 1)[-1],
             "num_tasks": len(result.get("acc_matrix", [])),
+            "order_seed": config.get("stream", {}).get("order_seed"),
             "path": result.get("_path"),
         }
         for key, value in result["metrics"].items():
@@ -112,7 +113,7 @@ def summary_table(
     metrics: Sequence[str] | None = None,
     published: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Mean ± sd (sample sd, ddof=1) over runs in each group, with the number of seeds ``n``."""
+    """Mean ± sd (sample sd, ddof=1) over the runs in each group (seeds, task orders), with their number ``n``."""
     if frame.empty:
         return pd.DataFrame()
     missing = [key for key in by if key not in frame.columns]
@@ -125,7 +126,7 @@ def summary_table(
     for keys, group in frame.groupby(list(by), sort=True, dropna=False):
         keys = keys if isinstance(keys, tuple) else (keys,)
         row: dict[str, Any] = dict(zip(by, keys, strict=True))
-        row["n"] = int(group["seed"].nunique())
+        row["n"] = len(group)
         for metric in metrics:
             values = group[metric].dropna() if metric in group else pd.Series(dtype=float)
             mean = float(values.mean()) if len(values) else float("nan")
@@ -273,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"clbench.report: error: {error}", file=sys.stderr)
         return 2
     print(text)
-    print(f"\n{len(found.completed)} completed runs; accuracies in percent; ± is the sample sd over seeds (n).")
+    print(f"\n{len(found.completed)} completed runs; accuracies in percent; ± is the sample sd over the n runs.")
     if found.problems:
         print(f"\n{len(found.problems)} result file(s) not in the table:")
         for problem in found.problems:
