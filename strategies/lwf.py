@@ -1,0 +1,114 @@
+"""Learning without Forgetting (Li & Hoiem, ECCV 2016 / TPAMI 2018): distil the previous model's outputs."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clbench.models import ContinualModel
+from clbench.strategy import Batch, Strategy
+from clbench.streams import Stream, Task, TaskIds
+
+
+def distillation(new_logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
+    """KL(softmax(old / T) || softmax(new / T)), averaged over the batch.
+
+    Li & Hoiem write the term as the cross-entropy of the softened old outputs against the softened new
+    ones; that is this KL plus the old outputs' entropy, a constant, so the gradients are the same and the
+    term is exactly 0 when the two models agree. No T^2 factor, as in Li & Hoiem and Avalanche.
+    """
+    old = F.softmax(old_logits / temperature, dim=1)
+    return F.kl_div(F.log_softmax(new_logits / temperature, dim=1), old, reduction="batchmean")
+
+
+class LwF(Strategy):
+    """loss = CE(current task) + alpha * sum over old outputs of distillation(new, old), the old model
+    frozen at the end of the previous task, on the current task's inputs (no replay).
+
+    What is distilled depends on the scenario: in the task scenario (multi-head) each old task's head
+    (one term per old head, as Li & Hoiem); with a shared head (domain) its whole output; in the class
+    scenario the output units of classes seen in earlier tasks only, since the others were never trained.
+    Li & Hoiem's warm-up phase (training the new head alone first) is not done.
+    """
+
+    name = "lwf"
+
+    def __init__(self, alpha: float = 1.0, temperature: float = 2.0) -> None:
+        super().__init__()
+        if alpha < 0 or temperature <= 0:
+            raise ValueError(f"strategy.alpha must be >= 0 and strategy.temperature > 0, got {alpha}, {temperature}")
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.old_model: ContinualModel | None = None
+        self.old_tasks: list[int] = []
+        self.seen_units: Tensor | None = None
+        self._features: Tensor | None = None
+
+    def setup(self, model: ContinualModel, stream: Stream) -> ContinualModel:
+        super().setup(model, stream)
+        self.seen_units = torch.zeros(stream.head_sizes[0], dtype=torch.bool, device=stream.device)
+        return model
+
+    def forward(self, x: Tensor, task_ids: TaskIds) -> Tensor:
+        assert self.model is not None
+        # keep the features so the old heads' new outputs need no second pass through the body
+        self._features = self.model.features(x)
+        return self.model.heads(self._features, self.head_ids(task_ids))
+
+    def loss(self, output: Tensor, y: Tensor, batch: Batch, task: Task) -> Tensor:
+        loss = F.cross_entropy(output, y)
+        if self.old_model is None or self.alpha == 0:
+            return loss
+        return loss + self.alpha * self.distillation_loss(output, batch.x)
+
+    def distillation_loss(self, output: Tensor, x: Tensor) -> Tensor:
+        """The sum of distillation terms over what the old model knew (see the class docstring)."""
+        assert self.model is not None and self.old_model is not None and self.stream is not None
+        with torch.no_grad():
+            old_features = self.old_model.features(x)
+        if self.stream.scenario == "task":
+            assert self._features is not None
+            terms = [
+                distillation(
+                    self.model.heads.heads[k](self._features),
+                    self.old_model.heads.heads[k](old_features),
+                    self.temperature,
+                )
+                for k in self.old_tasks
+            ]
+            return torch.stack(terms).sum()
+        with torch.no_grad():
+            old_output = self.old_model.heads(old_features, None)
+        if self.stream.scenario == "class":
+            assert self.seen_units is not None
+            return distillation(output[:, self.seen_units], old_output[:, self.seen_units], self.temperature)
+        return distillation(output, old_output, self.temperature)
+
+    def after_task(self, task: Task) -> None:
+        assert self.model is not None and self.seen_units is not None
+        self.old_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.old_tasks.append(task.id)
+        if self.stream is not None and self.stream.scenario != "task":
+            self.seen_units[torch.unique(task.train_targets)] = True
+        self._features = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "old_model": None if self.old_model is None else self.old_model.state_dict(),
+            "old_tasks": list(self.old_tasks),
+            "seen_units": self.seen_units,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        assert self.model is not None
+        if state["old_model"] is not None:
+            self.old_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.old_model.load_state_dict(state["old_model"])
+        self.old_tasks = list(state["old_tasks"])
+        self.seen_units = state["seen_units"]
