@@ -1,0 +1,49 @@
+"""PackNet: disjoint ownership, pruned fraction, frozen weights, old logits unchanged, end to end."""
+
+import torch
+
+from clbench.data import load_synthetic
+from clbench.models import MLP
+from clbench.streams import split_stream
+from clbench.trainer import Trainer
+from strategies.supermasks.packnet import PackNet
+
+
+def build(strategy, num_tasks=5):
+    torch.manual_seed(0)
+    data = load_synthetic(num_classes=2 * num_tasks, shape=(1, 8, 8), train_per_class=40, test_per_class=10)
+    stream = split_stream(data, num_tasks, 2)
+    strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[32, 32]), stream)
+    trainer = Trainer(epochs=1, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-3, progress=False)
+    trainer.attach(stream, 0)
+    return stream, trainer
+
+
+def test_prune_retrain_freeze():
+    strategy = PackNet(prune=0.5)
+    stream, trainer = build(strategy)
+    x = stream.inputs("test", stream[0].test_index, 0)
+    right_after = None
+    for task in stream:
+        shared = [layer for layer in strategy.layers if len(layer.owners) > 1]
+        free_before = [int((strategy.owner[layer] == 0).sum()) for layer in shared]
+        before = [layer.weight.detach().clone() for layer in strategy.layers]
+        owned = [strategy.owner[layer] > 0 for layer in strategy.layers]
+        strategy.fit_task(task, trainer)
+        strategy.after_task(task)
+        for layer, old, frozen in zip(strategy.layers, before, owned, strict=True):
+            assert torch.equal(layer.weight[frozen], old[frozen])
+        for layer, free in zip(shared, free_before, strict=True):
+            assert int((strategy.owner[layer] == task.id + 1).sum()) == free - int(0.5 * free)
+            assert bool((layer.weight[strategy.owner[layer] == 0] == 0).all())
+        strategy.model.eval()
+        with torch.no_grad():
+            logits = strategy.predict(x, 0)
+        right_after = logits if right_after is None else right_after
+        assert torch.equal(logits, right_after)
+
+
+def test_end_to_end_zero_forgetting_and_owner_map(run_tiny):
+    result = run_tiny(["strategy=packnet", "stream=synthetic", "model.hidden=[32]", "strategy.retrain_epochs=1"])
+    assert result["metrics"]["bwt"] == 0.0 and result["metrics"]["forgetting"] == 0.0
+    assert result["mask_storage"]["owner_map_bits"] > 0

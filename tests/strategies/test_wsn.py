@@ -1,0 +1,57 @@
+"""WSN: weights used by earlier tasks stay bit-identical, old logits unchanged, end to end."""
+
+import torch
+
+from clbench.data import load_synthetic
+from clbench.models import MLP
+from clbench.streams import split_stream
+from clbench.trainer import Trainer
+from strategies.supermasks.layers import num_kept
+from strategies.supermasks.wsn import WSN
+
+
+def build(strategy, num_tasks=5):
+    torch.manual_seed(0)
+    data = load_synthetic(num_classes=2 * num_tasks, shape=(1, 8, 8), train_per_class=40, test_per_class=10)
+    stream = split_stream(data, num_tasks, 2)
+    strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[32, 32]), stream)
+    trainer = Trainer(epochs=1, batch_size=16, lr=0.01, optimizer="adam", weight_decay=1e-3, progress=False)
+    trainer.attach(stream, 0)
+    return stream, trainer
+
+
+def test_used_weights_frozen_and_task_one_logits_identical():
+    strategy = WSN(density=0.5)
+    stream, trainer = build(strategy)
+    x = stream.inputs("test", stream[0].test_index, 0)
+    right_after = None
+    for task in stream:
+        before = [layer.weight.detach().clone() for layer in strategy.layers]
+        used = [layer.used.clone() for layer in strategy.layers]
+        strategy.fit_task(task, trainer)
+        strategy.after_task(task)
+        for layer, old, frozen in zip(strategy.layers, before, used, strict=True):
+            assert torch.equal(layer.weight[frozen], old[frozen])
+        strategy.model.eval()
+        with torch.no_grad():
+            logits = strategy.predict(x, 0)
+        right_after = logits if right_after is None else right_after
+        assert torch.equal(logits, right_after)
+
+
+def test_masks_keep_top_c_and_heads_dense():
+    strategy = WSN(density=0.3)
+    stream, trainer = build(strategy, num_tasks=2)
+    strategy.fit_task(stream[0], trainer)
+    strategy.after_task(stream[0])
+    for layer in strategy.task_layers(0):
+        expected = layer.weight.numel() if len(layer.owners) == 1 else num_kept(layer.weight.numel(), 0.3)
+        assert int(layer.masks[0].sum()) == expected
+
+
+def test_end_to_end_zero_forgetting(run_tiny):
+    result = run_tiny(
+        ["strategy=wsn", "stream=synthetic", "model.hidden=[32]", "trainer.optimizer=adam", "trainer.lr=0.001"]
+    )
+    assert result["metrics"]["bwt"] == 0.0 and result["metrics"]["forgetting"] == 0.0
+    assert result["metrics"]["acc"] > 60.0
