@@ -1,4 +1,4 @@
-"""SCoLe knowledge accumulation: a 200-task run of fine-tuning on MNIST-5k, with and without group masking.
+"""SCoLe knowledge accumulation: a 200-task run of fine-tuning on MNIST-5k with group masking.
 
 Lesort et al. (2023) report that with re-occurring classes plain fine-tuning accumulates knowledge: the
 full-test-set accuracy rises over a long stream. Writes ``benchmarks/results/scole_mnist5k.md`` and the
@@ -42,7 +42,7 @@ def run(extra: list[str], results: Path) -> tuple[dict, float]:
 
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="clbench-scole-"))
-    masked, masked_s = run([], root / "masked")
+    masked, masked_s = run([], root / "run")
     shutil.copy(masked["paths"]["curve"], OUT / "scole_mnist5k_finetune.png")
     curve = masked["acc_over_time"]
     marks = [1, 10, 25, 50, 100, 150, 200]
