@@ -92,16 +92,33 @@ def config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(json_ready(config), sort_keys=True).encode()).hexdigest()[:8]
 
 
-def find_reference_acc(results_dir: Path, stream: str, seed: int, stream_config: dict[str, Any]) -> list[float] | None:
-    """a*_j for intransigence: the diagonal of a completed ``independent`` run on the same stream
-    (same resolved stream config) and seed, or None when there is none. Never estimated."""
+PATH_KEYS = ("root", "download", "dataset_root")
+
+
+def without_paths(node: Any) -> Any:
+    """A config node without where-the-data-lives keys, at any depth (they do not change results)."""
+    if isinstance(node, dict):
+        return {k: without_paths(v) for k, v in node.items() if k not in PATH_KEYS}
+    if isinstance(node, list):
+        return [without_paths(v) for v in node]
+    return node
+
+
+def find_reference_run(
+    results_dir: Path, stream: str, seed: int, stream_config: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The single-task-expert reference: a completed ``independent`` run on the same stream (same resolved
+    stream config, data paths aside) and seed, or None when there is none. Never estimated.
+
+    Its diagonal gives a*_j for intransigence and its training-accuracy curves the L2M expert curves.
+    """
     for path in sorted((results_dir / stream / "independent").glob("*/result.json")):
         try:
             other = read_result(path)
         except (OSError, json.JSONDecodeError):
             continue
-        same_stream = json_ready(other.get("config", {}).get("stream")) == json_ready(stream_config)
+        other_stream = without_paths(json_ready(other.get("config", {}).get("stream")))
+        same_stream = other_stream == without_paths(json_ready(stream_config))
         if other.get("status") == "completed" and other.get("seed") == seed and same_stream:
-            matrix = other["acc_matrix"]
-            return [float(matrix[j][j]) for j in range(len(matrix))]
+            return other
     return None

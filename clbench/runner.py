@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from clbench import metrics
+from clbench.l2m import summarize_l2m
 from clbench.loggers.base import Logger, RunInfo
 from clbench.loggers.console import ConsoleLogger
 from clbench.plots import save_curve, save_matrix
@@ -28,9 +29,10 @@ from clbench.results import (
     SCHEMA,
     atomic_torch_save,
     config_digest,
-    find_reference_acc,
+    find_reference_run,
     package_versions,
     read_result,
+    without_paths,
     write_result,
 )
 from clbench.scole import accumulation_summary
@@ -73,21 +75,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-PATH_KEYS = ("root", "download", "dataset_root")
-
-
-def _without_paths(node: Any) -> Any:
-    """A config node without where-the-data-lives keys, at any depth (they do not change results)."""
-    if isinstance(node, dict):
-        return {k: _without_paths(v) for k, v in node.items() if k not in PATH_KEYS}
-    if isinstance(node, list):
-        return [_without_paths(v) for v in node]
-    return node
-
-
 def _experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a config that change results (not paths, loggers or progress bars)."""
-    stream = _without_paths(config.get("stream", {}))
+    stream = without_paths(config.get("stream", {}))
     trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in ("progress", "eval_batch_size")}
     keys = ("model", "strategy", "seed", "deterministic")
     return {"stream": stream, "trainer": trainer, **{k: config.get(k) for k in keys}}
@@ -153,6 +143,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fit_seconds: list[float] = []
     eval_seconds: list[float] = []
     learning_curves: list[list[list[float]]] = []
+    accuracy_curves: list[list[list[float]]] = []
     first_task = 0
     started = time.perf_counter()
     random_init_acc = np.asarray(trainer.evaluate(strategy, give_task_id))
@@ -165,6 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         random_init_acc = np.asarray(checkpoint["random_init_acc"])
         fit_seconds, eval_seconds = checkpoint["fit_seconds"], checkpoint["eval_seconds"]
         learning_curves = checkpoint["learning_curves"]
+        accuracy_curves = checkpoint.get("accuracy_curves", [])
         class_acc = checkpoint.get("class_acc", [])
         print(f"clbench: resuming {run_dir} after task {first_task - 1}")
 
@@ -206,6 +198,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tasks_completed=done,
             timings={"fit_s": fit_seconds, "eval_s": eval_seconds, "total_s": time.perf_counter() - started},
             learning_curves=learning_curves,
+            train_acc_curves=accuracy_curves,
         )
         if not stream.square:
             result.update(acc_over_time=acc_matrix[:done].mean(axis=1).tolist(), class_acc=class_acc[:done])
@@ -222,6 +215,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             strategy.after_task(task)
             fit_seconds.append(time.perf_counter() - tick)
             learning_curves.append(trainer.epoch_losses[curves_before:])
+            accuracy_curves.append(trainer.epoch_accuracies[curves_before:])
             tick = time.perf_counter()
             acc_matrix[task.id] = trainer.evaluate(strategy, give_task_id)
             if not stream.square:
@@ -241,6 +235,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "fit_seconds": fit_seconds,
                     "eval_seconds": eval_seconds,
                     "learning_curves": learning_curves,
+                    "accuracy_curves": accuracy_curves,
                     "class_acc": class_acc,
                 },
                 checkpoint_path,
@@ -255,11 +250,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     title = f"{strategy.name} on {stream.name}"
     if stream.square:
-        reference_acc = find_reference_acc(Path(str(cfg.results_dir)), stream.name, seed, config["stream"])
+        reference = find_reference_run(Path(str(cfg.results_dir)), stream.name, seed, config["stream"])
         if strategy.name == "independent":
-            reference_acc = np.diag(acc_matrix).tolist()
+            reference = {"acc_matrix": acc_matrix.tolist(), "train_acc_curves": accuracy_curves}
+        reference_acc = None if reference is None else np.diag(np.asarray(reference["acc_matrix"])).tolist()
         result["reference_acc"] = reference_acc
         result["metrics"] = metrics.summarize(acc_matrix, random_init_acc, reference_acc)
+        result["metrics"].update(
+            summarize_l2m(
+                acc_matrix,
+                random_init_acc,
+                ste_acc=reference_acc,
+                curves=flat_curves(accuracy_curves),
+                ste_curves=None if reference is None else flat_curves(reference.get("train_acc_curves")),
+            )
+        )
         result["matrices"] = {
             "forgetting": metrics.forgetting_matrix(acc_matrix),
             "backward_transfer": metrics.backward_transfer_matrix(acc_matrix),
@@ -281,3 +286,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.finish(result)
     return result
+
+
+def flat_curves(curves: list[list[list[float]]] | None) -> list[list[float]] | None:
+    """Per task, the training-accuracy curve over all its fits (epochs of every ``trainer.fit`` call)."""
+    if not curves:
+        return None
+    return [[point for fit in task for point in fit] for task in curves]

@@ -49,7 +49,9 @@ class Trainer:
     restore_best: bool = False
     stream: Stream | None = None
     generator: torch.Generator | None = None
+    nan_checks_per_epoch: int = 10
     epoch_losses: list[list[float]] = field(default_factory=list)
+    epoch_accuracies: list[list[float]] = field(default_factory=list)
     val_losses: list[list[float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -123,6 +125,8 @@ class Trainer:
         for module in strategy.eval_modules():
             module.train()
         losses: list[float] = []
+        accuracies: list[float] = []
+        check_every = max(1, steps // max(1, self.nan_checks_per_epoch))
         bar = tqdm(
             total=epochs * steps,
             desc=f"task {current.id + 1}/{len(stream)}",
@@ -133,7 +137,8 @@ class Trainer:
         )
         for epoch in range(epochs):
             order = torch.randperm(num_samples, device=index.device, generator=self.generator)
-            running = torch.zeros((), device=index.device)
+            step_losses = torch.zeros(steps, device=index.device)
+            hits = torch.zeros((), device=index.device, dtype=torch.int64)
             for step in range(steps):
                 chosen = order[step * self.batch_size : (step + 1) * self.batch_size]
                 batch_ids = task_ids if isinstance(task_ids, int) else task_ids[chosen]
@@ -149,16 +154,14 @@ class Trainer:
                 strategy.after_backward(current)
                 optimizer.step()
                 strategy.after_step(current)
-                running += loss.detach()
+                step_losses[step] = loss.detach()
+                hits += (output.detach().argmax(dim=1) == batch.y).sum()
                 bar.update(1)
-            mean_loss = float(running) / steps
-            if not math.isfinite(mean_loss):
-                bar.close()
-                raise NonFiniteLossError(
-                    f"training loss became {mean_loss} in task {current.id} epoch {epoch}: lower trainer.lr "
-                    "or check the strategy's regularisation strength"
-                )
+                if (step + 1) % check_every == 0 or step + 1 == steps:
+                    self._check_finite(step_losses[: step + 1], current, epoch, bar)
+            mean_loss = float(step_losses.mean())
             losses.append(mean_loss)
+            accuracies.append(float(hits) * 100.0 / num_samples)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if not self.validates:
                 continue
@@ -185,8 +188,23 @@ class Trainer:
                 for param, best in zip(trained, best_state, strict=True):
                     param.copy_(best)
         self.epoch_losses.append(losses)
+        self.epoch_accuracies.append(accuracies)
         self.val_losses.append(val_losses)
         return losses
+
+    @staticmethod
+    def _check_finite(step_losses: Tensor, task: Task, epoch: int, bar: tqdm) -> None:
+        """Stop at the first NaN / inf loss, naming task, epoch and step (one host read per check, a few
+        per epoch, so the step loop itself never waits for the host)."""
+        finite = torch.isfinite(step_losses)
+        if bool(finite.all()):
+            return
+        step = int((~finite).nonzero()[0])
+        bar.close()
+        raise NonFiniteLossError(
+            f"training loss became {float(step_losses[step])} in task {task.id} epoch {epoch} step {step}: "
+            "lower trainer.lr or check the strategy's regularisation strength"
+        )
 
     def _absent_classes(self, tasks: Sequence[Task]) -> Tensor | None:
         """Group masking (Lesort et al., SCoLe): a [outputs] mask of the shared head's classes that the

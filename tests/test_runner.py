@@ -37,17 +37,26 @@ def test_finetune_forgets_on_permuted_mnist5k(run_tiny):
 
 def test_independent_has_exactly_zero_transfer_and_gives_intransigence(run_tiny, tmp_path):
     results = tmp_path / "shared"
-    independent = run_tiny(["strategy=independent"], results)
+    independent = run_tiny(["strategy=independent", "trainer.epochs=3"], results)
     assert independent["metrics"]["bwt"] == 0.0
     assert independent["metrics"]["fwt"] == 0.0
     assert independent["metrics"]["forgetting"] == 0.0
     assert independent["metrics"]["intransigence"] == 0.0
-    finetune = run_tiny(["strategy=finetune"], results)
+    finetune = run_tiny(["strategy=finetune", "trainer.epochs=3"], results)
     diagonal = np.diag(np.array(independent["acc_matrix"]))
     expected = float(np.mean(diagonal - np.diag(np.array(finetune["acc_matrix"]))))
     assert finetune["metrics"]["intransigence"] == pytest.approx(expected)
-    other_seed = run_tiny(["strategy=finetune", "seed=1"], results)
+    other_seed = run_tiny(["strategy=finetune", "seed=1", "trainer.epochs=3"], results)
     assert "intransigence" not in other_seed["metrics"]
+    # L2M: expert-relative metrics only with the expert's run; transfer ones always
+    assert {"l2m_relative_performance", "l2m_sample_efficiency", "l2m_relative_final_performance"} <= set(
+        finetune["metrics"]
+    )
+    assert "l2m_relative_performance" not in other_seed["metrics"]
+    assert "l2m_backward_transfer_contrast" in other_seed["metrics"]
+    assert independent["metrics"]["l2m_relative_performance"] == pytest.approx(1.0)
+    curves = finetune["train_acc_curves"]
+    assert len(curves) == 5 and all(0.0 <= acc <= 100.0 for task in curves for fit in task for acc in fit)
 
 
 def test_joint_beats_finetune(run_tiny):

@@ -1,0 +1,160 @@
+"""Selective initialisation: it starts a repeated task from that task's checkpoint, loads only the body in
+the task scenario, resumes from its state dict, and runs end to end with its choices in result.json."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from clbench.data import load_synthetic
+from clbench.models import MLP
+from clbench.streams import Stream, split_stream
+from clbench.trainer import Trainer
+from strategies.selective_init import INITIAL, SelectiveInit, nearest_class_mean_accuracy
+
+
+def repeat_stream(scenario: str, flip_task_1: bool) -> Stream:
+    """Three tasks: task 0 (classes 0 and 1), task 1, and task 2 = task 0 again.
+
+    With ``flip_task_1`` task 1 is task 0 with its two labels swapped, so a model that learned task 1 is
+    wrong on task 0 exactly where the task-0 checkpoint is right; otherwise task 1 is classes 2 and 3.
+    """
+    data = load_synthetic(num_classes=6, shape=(1, 8, 8), train_per_class=40, test_per_class=10, noise=0.3, seed=0)
+    stream = split_stream(data, num_tasks=3, classes_per_task=2, scenario=scenario, val_fraction=0.25)
+    first = stream.tasks[0]
+    second = stream.tasks[1]
+    if flip_task_1:
+        second = replace(
+            first,
+            id=1,
+            name="flipped",
+            train_targets=1 - first.train_targets,
+            test_targets=1 - first.test_targets,
+            val_targets=1 - first.val_targets,
+        )
+    return replace(stream, tasks=[first, second, replace(first, id=2, name="repeat")])
+
+
+def make_trainer(stream: Stream, lr: float = 0.1, epochs: int = 15) -> Trainer:
+    trainer = Trainer(epochs=epochs, batch_size=16, lr=lr, progress=False)
+    trainer.attach(stream, seed=0)
+    return trainer
+
+
+def trained_on_first_two(strategy: SelectiveInit, stream: Stream) -> tuple[SelectiveInit, Trainer]:
+    torch.manual_seed(0)
+    strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[32]), stream)
+    trainer = make_trainer(stream)
+    for task in stream.tasks[:2]:
+        strategy.fit_task(task, trainer)
+        strategy.after_task(task)
+    return strategy, trainer
+
+
+def test_nearest_class_mean_by_hand():
+    support = torch.tensor([[0.0, 0.0], [0.0, 1.0], [10.0, 0.0], [10.0, 1.0]])
+    # class means (0, 0.5) and (10, 0.5); queries (1, 0) -> 0, (9, 9) -> 1, (4, 0) -> 0 but is class 1: 2 of 3
+    query = torch.tensor([[1.0, 0.0], [9.0, 9.0], [4.0, 0.0]])
+    accuracy = nearest_class_mean_accuracy(support, torch.tensor([0, 0, 1, 1]), query, torch.tensor([0, 1, 1]))
+    assert accuracy == pytest.approx(200 / 3)
+
+
+@pytest.mark.parametrize("mode", ["zero_shot", "few_step"])
+def test_repeated_task_starts_from_its_own_checkpoint(mode):
+    stream = repeat_stream("domain", flip_task_1=True)
+    strategy, _ = trained_on_first_two(SelectiveInit(mode=mode, few_steps=2, score_samples=40), stream)
+    # task 1 (labels swapped) is scored worst by the task-0 checkpoint, which is wrong on every sample it
+    # learned: the untrained model (about 50 %) wins over it
+    assert strategy.chosen[:2] == [INITIAL, INITIAL]
+    scoring_trainer = make_trainer(stream, lr=0.01)
+    chosen = strategy.initialise(stream[2], scoring_trainer)
+    scores = strategy.scores[-1]
+    assert chosen == 0, scores
+    assert scores[0] > 90 and scores[1] < 10, scores
+    for key, value in strategy.model.state_dict().items():
+        torch.testing.assert_close(value, strategy.checkpoints[0][key])
+    assert strategy.extra_results()["selective_init"]["chosen"] == [INITIAL, INITIAL, 0]
+
+
+def test_task_scenario_scores_the_body_and_keeps_the_heads():
+    stream = repeat_stream("task", flip_task_1=False)
+    strategy, trainer = trained_on_first_two(SelectiveInit(score_samples=40, include_initial=False), stream)
+    # make the task-1 checkpoint's body useless: constant features, so nearest-class-mean is at chance
+    strategy.checkpoints[1] = {key: torch.zeros_like(value) for key, value in strategy.checkpoints[1].items()}
+    assert not any(key.startswith("heads.") for key in strategy.checkpoints[0])
+    heads_before = {k: v.clone() for k, v in strategy.model.heads.state_dict().items()}
+    assert strategy.initialise(stream[2], trainer) == 0
+    assert strategy.scores[-1][0] > 90 and strategy.scores[-1][1] == pytest.approx(50.0, abs=15)
+    for key, value in strategy.model.heads.state_dict().items():
+        torch.testing.assert_close(value, heads_before[key])  # task 1's head stays trained, task 2's stays fresh
+    body = {k: v for k, v in strategy.model.state_dict().items() if not k.startswith("heads.")}
+    for key, value in body.items():
+        torch.testing.assert_close(value, strategy.checkpoints[0][key])
+
+
+def test_ties_go_to_the_most_recent_checkpoint():
+    stream = repeat_stream("domain", flip_task_1=False)
+    strategy = SelectiveInit(score_samples=20)
+    strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[8]), stream)
+    for task in stream.tasks[:2]:
+        strategy.after_task(task)  # untrained: every candidate is the same model
+    assert strategy.initialise(stream[2], make_trainer(stream)) == 1
+    assert len(set(strategy.scores[-1].values())) == 1
+
+
+def test_head_scorer_is_refused_where_the_new_head_is_untrained():
+    stream = repeat_stream("task", flip_task_1=False)
+    with pytest.raises(ValueError, match="scorer=ncm"):
+        SelectiveInit(scorer="head").setup(MLP(stream.input_shape, stream.head_sizes, hidden=[8]), stream)
+    with pytest.raises(ValueError, match="zero_shot, few_step"):
+        SelectiveInit(mode="one_shot")
+
+
+def test_state_round_trip_restores_checkpoints_and_choices():
+    stream = repeat_stream("domain", flip_task_1=True)
+    strategy, _ = trained_on_first_two(SelectiveInit(score_samples=40), stream)
+    buffer = io.BytesIO()
+    torch.save(strategy.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(1)
+    restored = SelectiveInit(score_samples=40)
+    restored.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[32]), stream)
+    restored.load_state_dict(torch.load(buffer, weights_only=False))
+    assert restored.chosen == strategy.chosen and restored.scores == strategy.scores
+    assert sorted(restored.checkpoints) == [INITIAL, 0, 1]
+    for k, checkpoint in strategy.checkpoints.items():
+        for key, value in checkpoint.items():
+            torch.testing.assert_close(restored.checkpoints[k][key], value)
+    for key, value in strategy.model.state_dict().items():
+        torch.testing.assert_close(restored.model.state_dict()[key], value)
+    trainer = make_trainer(stream)
+    assert restored.initialise(stream[2], trainer) == strategy.initialise(stream[2], trainer) == 0
+    assert restored.scores[-1] == strategy.scores[-1]
+
+
+@pytest.mark.parametrize("extra", [[], ["strategy.mode=few_step", "strategy.few_steps=2", "stream.scenario=domain"]])
+def test_end_to_end_logs_a_choice_per_task(run_tiny, tmp_path, extra):
+    result = run_tiny(
+        [
+            "strategy=selective_init",
+            "stream=synthetic",
+            "stream.num_tasks=3",
+            "stream.dataset.shape=[1,8,8]",
+            "stream.dataset.train_per_class=30",
+            "stream.dataset.test_per_class=10",
+            "model.hidden=[16]",
+            "strategy.score_samples=32",
+            *extra,
+        ],
+        results_dir=tmp_path,
+    )
+    assert result["status"] == "completed"
+    log = json.loads(Path(result["paths"]["result"]).read_text())["selective_init"]
+    assert len(log["chosen"]) == 3 and log["chosen"][0] == INITIAL
+    assert all(-1 <= chosen < task for task, chosen in enumerate(log["chosen"]) if task > 0)
+    assert log["scores"][0] == {} and set(log["scores"][2]) == {"-1", "0", "1"}
