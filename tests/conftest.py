@@ -42,3 +42,13 @@ def run_tiny(tmp_path):
         return run_config(overrides, results_dir or tmp_path / "results", tiny)
 
     return _run
+
+
+@pytest.fixture
+def compose_cfg():
+    """``compose_cfg(["experiment=gpm_pfmnist"])``: the composed config, without running it."""
+
+    def _compose(overrides: list[str], results_dir: Path | str = "results") -> DictConfig:
+        return compose_config(overrides, results_dir)
+
+    return _compose
