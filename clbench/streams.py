@@ -278,35 +278,47 @@ def split_stream(
     )
 
 
-def _shared_tasks(
+def _transformed_stream(
     dataset: ImageDataset,
     num_tasks: int,
     kind: str,
+    scenario: str,
     val_fraction: float,
     train_per_task: int | None,
     generator: torch.Generator,
-) -> list[Task]:
-    """Tasks that all see the whole label set through different input transforms (shared index tensors)."""
+    order_seed: int | None,
+    **stream_fields,
+) -> Stream:
+    """Tasks that all see the same images through different input transforms (permutation / rotation).
+
+    The index tensors are shared by every task, so T tasks cost one dataset. Targets are the labels, offset
+    by t * C in the class scenario (each task's classes are new outputs of the one growing head).
+    """
     train_pos = _subsample(torch.arange(len(dataset.y_train)), train_per_task, generator)
     train_pos, val_pos = val_split(train_pos, val_fraction, generator)
     test_pos = torch.arange(len(dataset.y_test))
-    train_y, val_y, test_y = dataset.y_train[train_pos], dataset.y_train[val_pos], dataset.y_test
-    classes = tuple(range(dataset.num_classes))
-    return [
-        Task(
-            t,
-            f"{dataset.name}-{kind}{t}",
-            classes,
-            dataset.num_classes,
-            train_pos,
-            train_y,
-            test_pos,
-            test_y,
-            val_pos,
-            val_y,
+    labels = (dataset.y_train[train_pos], dataset.y_train[val_pos], dataset.y_test)
+    num = dataset.num_classes
+    tasks = []
+    for t in range(num_tasks):
+        shift = t * num if scenario == "class" else 0
+        train_y, val_y, test_y = (y + shift if shift else y for y in labels)
+        classes = tuple(range(shift, shift + num))
+        tasks.append(
+            Task(t, f"{dataset.name}-{kind}{t}", classes, num, train_pos, train_y, test_pos, test_y, val_pos, val_y)
         )
-        for t in range(num_tasks)
-    ]
+    mean, std = _norm_stats(dataset, num_tasks)
+    stream = Stream(
+        scenario=scenario,
+        tasks=tasks,
+        x_train=dataset.x_train,
+        x_test=dataset.x_test,
+        mean=mean,
+        std=std,
+        num_classes=num * (num_tasks if scenario == "class" else 1),
+        **stream_fields,
+    )
+    return reorder_tasks(stream, order_seed)
 
 
 def permuted_stream(
@@ -335,22 +347,18 @@ def permuted_stream(
     permutations = torch.stack([torch.randperm(num_pixels, generator=generator) for _ in range(num_tasks)])
     if not permute_first:
         permutations[0] = torch.arange(num_pixels)
-    tasks = _shared_tasks(dataset, num_tasks, "perm", val_fraction, train_per_task, generator)
-    mean, std = _norm_stats(dataset, num_tasks)
-    return reorder_tasks(
-        Stream(
-            name=name or f"permuted_{dataset.name}",
-            scenario=scenario,
-            tasks=tasks,
-            x_train=dataset.x_train,
-            x_test=dataset.x_test,
-            mean=mean,
-            std=std,
-            num_classes=dataset.num_classes * (num_tasks if scenario == "class" else 1),
-            permutations=permutations,
-            info={"dataset": dataset.name, "root": root},
-        ),
+    return _transformed_stream(
+        dataset,
+        num_tasks,
+        "perm",
+        scenario,
+        val_fraction,
+        train_per_task,
+        generator,
         order_seed,
+        name=name or f"permuted_{dataset.name}",
+        permutations=permutations,
+        info={"dataset": dataset.name, "root": root},
     )
 
 
@@ -376,22 +384,18 @@ def rotated_stream(
     if len(angles) != num_tasks:
         raise ValueError(f"stream.angles lists {len(angles)} angles for stream.num_tasks={num_tasks}")
     generator = torch.Generator().manual_seed(seed)
-    tasks = _shared_tasks(dataset, num_tasks, "rot", val_fraction, train_per_task, generator)
-    mean, std = _norm_stats(dataset, num_tasks)
-    return reorder_tasks(
-        Stream(
-            name=name or f"rotated_{dataset.name}",
-            scenario=scenario,
-            tasks=tasks,
-            x_train=dataset.x_train,
-            x_test=dataset.x_test,
-            mean=mean,
-            std=std,
-            num_classes=dataset.num_classes * (num_tasks if scenario == "class" else 1),
-            angles=torch.tensor([float(a) for a in angles]),
-            info={"dataset": dataset.name, "angles": [float(a) for a in angles], "root": root},
-        ),
+    return _transformed_stream(
+        dataset,
+        num_tasks,
+        "rot",
+        scenario,
+        val_fraction,
+        train_per_task,
+        generator,
         order_seed,
+        name=name or f"rotated_{dataset.name}",
+        angles=torch.tensor([float(a) for a in angles]),
+        info={"dataset": dataset.name, "angles": [float(a) for a in angles], "root": root},
     )
 
 

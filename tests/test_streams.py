@@ -114,3 +114,13 @@ def test_order_seed_moves_each_task_with_its_transform(digits):
     split = split_stream(digits, num_tasks=5, classes_per_task=2, order_seed=1)
     assert sorted(t.classes for t in split) == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
     assert [t.classes for t in split] != sorted(t.classes for t in split)
+
+
+def test_permuted_class_scenario_gives_each_task_new_outputs(digits):
+    stream = permuted_stream(digits, num_tasks=3, scenario="class", seed=0)
+    assert stream.head_sizes == [30]
+    for task in stream:
+        assert set(task.test_targets.tolist()) == set(range(10 * task.id, 10 * task.id + 10))
+        assert task.classes == tuple(range(10 * task.id, 10 * task.id + 10))
+    domain = permuted_stream(digits, num_tasks=3, scenario="domain", seed=0)
+    assert all(set(task.test_targets.tolist()) == set(range(10)) for task in domain)
