@@ -240,11 +240,14 @@ def write_plots(results: Sequence[dict[str, Any]], frame: pd.DataFrame, by: Sequ
     return written
 
 
-def log_to_wandb(table: pd.DataFrame, plots: Sequence[Path], mode: str, project: str) -> None:
-    """Log the summary table and plots as one W&B run (offline unless ``mode`` says otherwise)."""
+def log_to_wandb(table: pd.DataFrame, plots: Sequence[Path], mode: str, project: str, directory: Path) -> None:
+    """Log the summary table and plots as one W&B run in ``directory`` (offline unless ``mode`` says so)."""
     import wandb
 
-    run = wandb.init(mode=mode, project=project, job_type="report", settings=wandb.Settings(silent=True))
+    directory.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        mode=mode, project=project, job_type="report", dir=str(directory), settings=wandb.Settings(silent=True)
+    )
     payload: dict[str, Any] = {"summary": wandb.Table(dataframe=table.astype(str))}
     payload.update({path.stem: wandb.Image(str(path)) for path in plots})
     run.log(payload)
@@ -280,11 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in found.problems:
             print(f"- {problem['status']}: {problem['path']} ({problem['reason']})")
     plots: list[Path] = []
+    output_dir = args.plots or args.folders[0] / "report"
     if found.completed and not args.no_plots:
-        plots = write_plots(found.completed, frame, by, args.plots or args.folders[0] / "report")
+        plots = write_plots(found.completed, frame, by, output_dir)
         print("\nplots: " + ", ".join(str(p) for p in plots))
     if args.wandb and not table.empty:
-        log_to_wandb(table, plots, args.wandb, args.wandb_project)
+        log_to_wandb(table, plots, args.wandb, args.wandb_project, output_dir)
     return 0
 
 

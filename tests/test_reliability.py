@@ -73,6 +73,8 @@ BAD_INPUTS = [
     (["stream=split_digits", "stream.scenario=instance"], "unknown stream.scenario 'instance'"),
     (["stream=split_digits", "stream.val_fraction=1.5"], "stream.val_fraction must be in [0, 1)"),
     (["device=tpu"], "unknown device 'tpu'"),
+    (["strategy=supsup", "stream=split_digits", "stream.scenario=class"], "pick a stream with stream.scenario=task"),
+    (["strategy=supsup", "stream=split_digits", "strategy.density=1.5"], "strategy.density must be in (0, 1]"),
     (["stream=split_digits", "trainer.lr=1e30"], "training loss became nan in task 0"),
 ]
 if not torch.cuda.is_available():

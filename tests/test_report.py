@@ -88,3 +88,11 @@ def test_plots_are_written(results, tmp_path):
     assert report.main([str(results), "--plots", str(tmp_path / "plots")]) == 0
     for name in ("acc_matrices.png", "acc_over_tasks.png", "bwt_vs_fwt.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 1000
+
+
+def test_report_logs_its_table_to_wandb_offline(results, tmp_path):
+    assert report.main([str(results), "--plots", str(tmp_path / "plots"), "--wandb", "offline"]) == 0
+    tables = list((tmp_path / "plots" / "wandb").rglob("summary_*.table.json"))
+    assert tables, "the report's table was not logged"
+    logged = json.loads(tables[0].read_text())
+    assert "ACC" in logged["columns"] and len(logged["data"]) == 2

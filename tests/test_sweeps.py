@@ -50,11 +50,24 @@ def test_failing_job_is_isolated(tmp_path):
     assert "training loss became nan" in done.stderr
 
 
-@pytest.mark.parametrize("launcher", ["submitit_slurm", "ray", "joblib", "submitit_local"])
-def test_launcher_presets_compose(launcher):
-    done = clbench(f"hydra/launcher={launcher}", "--cfg", "hydra", "-p", "hydra.launcher", cwd=Path.cwd())
+@pytest.mark.parametrize(
+    "preset",
+    ["launcher=submitit_slurm", "launcher=ray", "launcher=joblib", "launcher=submitit_local", "sweeper=optuna"],
+)
+def test_scale_out_presets_compose(preset):
+    group = preset.split("=")[0]
+    done = clbench(f"hydra/{preset}", "--cfg", "hydra", "-p", f"hydra.{group}", cwd=Path.cwd())
     assert done.returncode == 0, done.stderr
     assert "_target_: hydra_plugins." in done.stdout
+
+
+def test_relaunched_sweep_skips_completed_jobs(tmp_path):
+    first = clbench("-m", "seed=0,1", f"results_dir={tmp_path}", *QUIET, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = clbench("-m", "seed=0,1", f"results_dir={tmp_path}", *QUIET, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("is already completed") == 2
+    assert len(list(tmp_path.glob("split_digits/finetune/*/result.json"))) == 2
 
 
 def test_unknown_group_choice_lists_known_names(tmp_path):
