@@ -52,14 +52,14 @@ def main() -> None:
         f"Command: `python benchmarks/task_order_robustness.py {' '.join(strategies)} {' '.join(extra)}`",
         f"(5 task orders, `stream.order_seed=0..4`, seed 0; {wall:.0f} s in all).",
         "",
-        "| strategy | n orders | ACC mean ± sd | ACC min-max | BWT mean ± sd | BWT min-max |",
+        "| strategy | n orders | ACC mean ± sd | ACC range | BWT mean ± sd | BWT range |",
         "|---|---|---|---|---|---|",
     ]
     for strategy, group in frame.groupby("strategy"):
         acc, bwt = group["acc"], group["bwt"]
         lines.append(
-            f"| {strategy} | {len(group)} | {acc.mean():.2f} ± {acc.std(ddof=1):.2f} | {acc.min():.2f}-{acc.max():.2f} "
-            f"| {bwt.mean():.2f} ± {bwt.std(ddof=1):.2f} | {bwt.min():.2f}-{bwt.max():.2f} |"
+            f"| {strategy} | {len(group)} | {acc.mean():.2f} ± {acc.std(ddof=1):.2f} | {acc.min():.2f} to {acc.max():.2f} "
+            f"| {bwt.mean():.2f} ± {bwt.std(ddof=1):.2f} | {bwt.min():.2f} to {bwt.max():.2f} |"
         )
     lines.append("")
     OUT.write_text("\n".join(lines))
