@@ -45,8 +45,10 @@ def sweep(extra: list[str], results: Path) -> float:
 
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="clbench-sweep-"))
+    load_before = os.getloadavg()[0]
     basic = sweep([], root / "basic")
     joblib = sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], root / "joblib")
+    load_after = os.getloadavg()[0]
     table = subprocess.run(
         [sys.executable, "-m", "clbench.report", str(root / "joblib"), "--no-plots"],
         check=True,
@@ -59,6 +61,8 @@ def main() -> None:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"Python {platform.python_version()}. Command: `python benchmarks/sweep_launchers.py`.",
         "Sweep: 3 strategies x 3 seeds on split_digits (9 jobs), OMP_NUM_THREADS=1 per job.",
+        f"1-minute load average before / after: {load_before:.1f} / {load_after:.1f} (other work on the same cores"
+        " shrinks what a second worker can gain).",
         "",
         "| launcher | wall time (s) |",
         "|---|---|",

@@ -25,6 +25,13 @@ import pandas as pd
 DEFAULT_METRICS = ("acc", "bwt", "fwt", "forgetting")
 LABELS = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "Forgetting", "intransigence": "Intransigence"}
 OPTIONAL_METRICS = ("intransigence", "acc_final", "acc_mean_over_time", "accumulation_gain")
+L2M_METRICS = (
+    "l2m_performance_maintenance",
+    "l2m_forward_transfer_contrast",
+    "l2m_backward_transfer_contrast",
+    "l2m_relative_performance",
+    "l2m_sample_efficiency",
+)
 FORMATS = ("markdown", "latex", "csv", "html")
 PUBLISHED = Path(__file__).resolve().parent / "reference" / "published.csv"
 
@@ -121,7 +128,6 @@ def summary_table(
         raise ValueError(f"--by {','.join(missing)} is not a run attribute: use some of {', '.join(frame.columns)}")
     if metrics is None:
         metrics = [m for m in (*DEFAULT_METRICS, *OPTIONAL_METRICS) if m in frame.columns]
-        metrics += sorted(c for c in frame.columns if c.startswith("l2m_"))
     rows = []
     for keys, group in frame.groupby(list(by), sort=True, dropna=False):
         keys = keys if isinstance(keys, tuple) else (keys,)
@@ -259,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="results or sweep folders to read")
     parser.add_argument("--format", default="markdown", choices=FORMATS)
     parser.add_argument("--by", default="stream,strategy", help="comma-separated grouping keys")
-    parser.add_argument("--metrics", default=None, help="comma-separated metrics (default: all present)")
+    parser.add_argument("--metrics", default=None, help="comma-separated metrics (default: ACC, BWT, FWT, ...)")
+    parser.add_argument("--l2m", action="store_true", help="add the L2M lifelong-learning metrics")
     parser.add_argument("--plots", type=Path, default=None, help="folder for PNG plots (default: <first>/report)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--wandb", choices=("offline", "online"), default=None, help="also log the table to W&B")
@@ -270,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     by = [key.strip() for key in args.by.split(",") if key.strip()]
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     frame = runs_frame(found.completed)
+    if args.l2m:
+        base = metrics or [m for m in (*DEFAULT_METRICS, *OPTIONAL_METRICS) if m in frame.columns]
+        metrics = [*base, *(m for m in L2M_METRICS if m in frame.columns)]
     try:
         table = summary_table(frame, by, metrics, published_table())
         text = render(table, args.format)

@@ -96,3 +96,15 @@ def test_report_logs_its_table_to_wandb_offline(results, tmp_path):
     assert tables, "the report's table was not logged"
     logged = json.loads(tables[0].read_text())
     assert "ACC" in logged["columns"] and len(logged["data"]) == 2
+
+
+def test_l2m_columns_on_request(results, capsys):
+    run = next(results.glob("stream_a/gpm/seed0/result.json"))
+    payload = json.loads(run.read_text())
+    payload["metrics"]["l2m_performance_maintenance"] = -1.5
+    run.write_text(json.dumps(payload))
+    assert report.main([str(results), "--no-plots"]) == 0
+    assert "l2m_" not in capsys.readouterr().out.splitlines()[0]
+    assert report.main([str(results), "--no-plots", "--l2m"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "| Forgetting | l2m_performance_maintenance |" in header and "| ACC |" in header
