@@ -106,11 +106,12 @@ def run_one(label: str, overrides: list[str], results_dir: Path, log_dir: Path) 
     with open(log_dir / f"{label.replace('|', '__')}.log", "w") as log:
         code = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     seconds = time.perf_counter() - tick
-    found = sorted(label_dir.glob("*/*/*/result.json"))
-    if code != 0 or not found:
+    # an interrupted earlier attempt (other config, other run id) may sit beside the completed run
+    results = [json.loads(path.read_text()) for path in sorted(label_dir.glob("*/*/*/result.json"))]
+    completed = [result for result in results if result.get("status") == "completed"]
+    if code != 0 or not completed:
         return label, None, seconds
-    result = json.loads(found[-1].read_text())
-    return label, (result if result.get("status") == "completed" else None), seconds
+    return label, completed[-1], seconds
 
 
 def mean_sd(values: list[float]) -> str:
@@ -188,8 +189,11 @@ def render(results: dict[str, dict | None], seconds: dict[str, float], total: in
         if result:
             inferred = result["task_inference"]
             lines.append(f"| {inference} | {result['metrics']['acc']:.2f} | {inferred['accuracy']:.2f} |")
-    lines += ["", "## Wall time per run (s)", ""]
-    lines += [f"- {label}: {seconds[label]:.0f}" for label in sorted(seconds)]
+    lines += ["", "## Run time per run (s, the run's own total_s from result.json; shared, loaded 2-core CPU)", ""]
+    lines += [
+        f"- {label}: {results[label]['timings']['total_s']:.0f}" if results.get(label) else f"- {label}: failed"
+        for label in sorted(seconds)
+    ]
     failed = sorted(k for k, v in results.items() if v is None)
     if failed:
         lines += ["", "Failed runs: " + ", ".join(failed)]
