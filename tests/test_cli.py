@@ -48,7 +48,7 @@ def test_default_config_composes():
 def test_unknown_strategy_lists_the_known_ones(tmp_path):
     done = clbench("strategy=nope", f"results_dir={tmp_path}", cwd=tmp_path)
     assert done.returncode != 0
-    assert "Could not find 'strategy/nope'" in done.stderr and "finetune" in done.stderr
+    assert "unknown strategy 'nope': known strategy configs are" in done.stderr and "finetune" in done.stderr
 
 
 def test_missing_dataset_names_path_and_switch(tmp_path):
