@@ -1,0 +1,159 @@
+"""GPM: the energy criterion, orthogonal projection, batch-norm handling, and tiny end-to-end runs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch import nn
+
+from clbench.__main__ import CONFIG_DIR
+from clbench.models import MLP
+from clbench.strategy import Batch
+from strategies.gradient_projection import GPM
+from strategies.gradient_projection.projection import first_task_rank, gpm_update, residual_rank
+
+
+def build(strategy: str, bias: bool = True, overrides: Sequence[str] = (), **kwargs: Any):
+    """A set-up strategy on 3-task Permuted MNIST-5k (shared head, MLP 100-100), composed as a user gets it."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "stream=permuted_mnist5k",
+                "stream.num_tasks=3",
+                "stream.train_per_task=400",
+                "model=mlp",
+                f"model.bias={str(bias).lower()}",
+                f"strategy={strategy}",
+                "logger=none",
+                *overrides,
+            ],
+        )
+    torch.manual_seed(0)
+    stream = instantiate(cfg.stream)
+    model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes)
+    instance = instantiate(cfg.strategy, **kwargs)
+    instance.setup(model, stream)
+    return instance, stream, model
+
+
+def matrix_with_energies(energies: list[float], dim: int = 12, samples: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [dim, samples] matrix whose squared singular values are ``energies``, and its left vectors."""
+    generator = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(dim, len(energies), generator=generator, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(samples, len(energies), generator=generator, dtype=torch.float64))[0]
+    return u @ torch.diag(torch.tensor(energies, dtype=torch.float64).sqrt()) @ v.T, u
+
+
+def test_first_task_basis_count_follows_the_energy_criterion():
+    # energy ratios 0.5, 0.3, 0.1, 0.05, 0.03, 0.02: cumulative 0.5, 0.8, 0.9, 0.95, 0.98, 1.0
+    activation, u = matrix_with_energies([50, 30, 10, 5, 3, 2])
+    assert first_task_rank(torch.linalg.svdvals(activation), 0.85) == 2
+    assert first_task_rank(torch.linalg.svdvals(activation), 0.93) == 3
+    bases = gpm_update(None, activation, 0.85)
+    assert bases.shape == (12, 2)
+    # the kept directions are the two strongest singular directions
+    assert torch.allclose((bases.double().T @ u[:, :2]).abs().sum(0), torch.ones(2, dtype=torch.float64), atol=1e-5)
+
+
+def test_later_task_adds_residual_directions_until_the_threshold():
+    activation, u = matrix_with_energies([50, 30, 10, 5, 3, 2])
+    old = u[:, :2].float()  # already holds 0.8 of the energy
+    assert residual_rank(0.8, torch.tensor([0.1, 0.05, 0.03, 0.02]), 0.93) == 2
+    bases = gpm_update(old, activation, 0.93)
+    assert bases.shape == (12, 4)
+    assert torch.allclose(bases[:, :2], old)
+    new = bases[:, 2:].double()
+    assert torch.allclose((new.T @ u[:, 2:4]).abs().sum(1), torch.ones(2, dtype=torch.float64), atol=1e-5)
+    assert gpm_update(old, activation, 0.75) is old  # enough energy already: nothing added
+
+
+def test_basis_count_never_exceeds_the_dimension():
+    activation, _ = matrix_with_energies([1.0] * 12, dim=12)
+    full = gpm_update(None, activation, 1.0)
+    assert gpm_update(full, activation + 0.1 * torch.randn_like(activation), 1.0).shape[1] <= 12
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("batch_size", [3, 400])  # factored (delta^T X) and formed-gradient paths
+def test_projected_gradient_is_orthogonal_to_the_stored_bases(bias, batch_size):
+    strategy, stream, _ = build("gpm", bias=bias)
+    generator = torch.Generator().manual_seed(1)
+    strategy.bases = [
+        torch.linalg.qr(torch.randn(layer.dim, 5 + i, generator=generator))[0]
+        for i, layer in enumerate(strategy.layers)
+    ]
+    strategy.refresh_projectors()
+    task = stream.tasks[1]
+    x = stream.inputs("train", task.train_index[:batch_size], task.id)
+    y = task.train_targets[:batch_size]
+    strategy.model.train()
+    loss = strategy.loss(strategy.forward(x, task.id), y, Batch(x, y, task.id, task.train_index[:batch_size]), task)
+    loss.backward()
+    before = [layer.grad_matrix().clone() for layer in strategy.layers]
+    strategy.after_backward(task)
+    for layer, bases, raw in zip(strategy.layers, strategy.bases, before, strict=True):
+        grad = layer.grad_matrix()
+        assert (grad @ bases).abs().max() < 1e-4 * raw.abs().max()
+        assert torch.allclose(grad, raw - (raw @ bases) @ bases.T, atol=1e-5)
+        assert (grad - raw).abs().max() > 0  # the projection did something
+
+
+def test_batchnorm_must_not_track_running_statistics():
+    class WithBN(MLP):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.body.append(nn.BatchNorm1d(100))
+
+    _, stream, _ = build("gpm")
+    model = WithBN(list(stream.input_shape), stream.head_sizes)
+    with pytest.raises(ValueError, match="track_running_stats=false"):
+        GPM().setup(model, stream)
+
+
+def test_batchnorm_affine_parameters_are_frozen_after_the_first_task():
+    class WithBN(MLP):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.body.append(nn.BatchNorm1d(100, track_running_stats=False))
+
+    _, stream, _ = build("gpm")
+    strategy = GPM()
+    strategy.setup(WithBN(list(stream.input_shape), stream.head_sizes), stream)
+    bn = {id(p) for p in strategy.model.body[-1].parameters()}
+    assert bn <= {id(p) for p in strategy.parameters(stream.tasks[0])}
+    assert not bn & {id(p) for p in strategy.parameters(stream.tasks[1])}
+
+
+def test_threshold_list_must_match_the_projected_layers():
+    _, stream, model = build("gpm")
+    with pytest.raises(ValueError, match="one value or 3"):
+        GPM(threshold=[0.9, 0.9]).setup(copy.deepcopy(model), stream)
+
+
+def test_multi_head_leaves_heads_free_and_a_shared_head_is_projected():
+    strategy, _, _ = build("gpm")
+    assert [layer.name for layer in strategy.layers] == ["body.1", "body.3", "heads.heads.0"]
+    strategy, _, _ = build("gpm", overrides=["stream=split_digits"])
+    assert [layer.name for layer in strategy.layers] == ["body.1", "body.3"]
+
+
+def test_gpm_end_to_end_task_and_permuted_streams(run_tiny):
+    result = run_tiny(["strategy=gpm", "stream=split_digits", "model=mlp", "strategy.num_samples=50"])
+    assert result["status"] == "completed" and len(result["acc_matrix"]) == 5
+    overrides = [
+        "stream=permuted_mnist5k",
+        "stream.num_tasks=3",
+        "stream.train_per_task=400",
+        "model.bias=false",
+        "trainer.batch_size=16",
+    ]
+    gpm = run_tiny([*overrides, "strategy=gpm", "strategy.threshold=[0.95,0.99,0.99]"])
+    # old tasks' inputs keep (almost) their layer outputs, so their accuracies barely move
+    assert gpm["status"] == "completed" and abs(gpm["metrics"]["bwt"]) < 3.0
