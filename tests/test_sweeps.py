@@ -84,3 +84,14 @@ def test_group_check_respects_extra_config_dirs(tmp_path):
     (tmp_path / "strategy" / "mine.yaml").write_text("_target_: x.Y\n")
     assert check_group_choices(["--config-dir", str(tmp_path), "strategy=mine"]) is None
     assert "unknown model" in check_group_choices(["model=vgg"])
+
+
+def test_auto_device_pins_each_job_to_its_own_gpu(monkeypatch):
+    import torch
+
+    from clbench.runner import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [select_device("auto", job).index for job in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert select_device("cuda:2", 5).index == 2  # an explicit choice is never moved
