@@ -58,7 +58,8 @@ def main() -> None:
     for strategy, group in frame.groupby("strategy"):
         acc, bwt = group["acc"], group["bwt"]
         lines.append(
-            f"| {strategy} | {len(group)} | {acc.mean():.2f} ± {acc.std(ddof=1):.2f} | {acc.min():.2f} to {acc.max():.2f} "
+            f"| {strategy} | {len(group)} | {acc.mean():.2f} ± {acc.std(ddof=1):.2f} "
+            f"| {acc.min():.2f} to {acc.max():.2f} "
             f"| {bwt.mean():.2f} ± {bwt.std(ddof=1):.2f} | {bwt.min():.2f} to {bwt.max():.2f} |"
         )
     lines.append("")
