@@ -4,11 +4,15 @@ Runs ``python -m clbench -m strategy=finetune,joint,independent seed=0,1,2 strea
 (basic, then joblib with 2 workers), each into a fresh results folder, then prints the report's markdown
 table for the joblib sweep. Writes everything to ``benchmarks/results/sweep_launchers.md``.
 
-    python benchmarks/sweep_launchers.py
+    python benchmarks/sweep_launchers.py [--epochs N ...]
+
+Each ``--epochs`` value is measured separately: with tiny jobs the basic launcher, which runs every job in
+one process, wins (a joblib worker pays the imports again); with jobs of several seconds, two workers win.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shutil
@@ -31,6 +35,7 @@ OUT = Path(__file__).resolve().parent / "results" / "sweep_launchers.md"
 
 
 def sweep(extra: list[str], results: Path) -> float:
+    """Wall time of one multirun of SWEEP plus ``extra`` into ``results``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     subprocess.run(
@@ -44,33 +49,39 @@ def sweep(extra: list[str], results: Path) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, nargs="+", default=[3, 30])
+    args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="clbench-sweep-"))
-    load_before = os.getloadavg()[0]
-    basic = sweep([], root / "basic")
-    joblib = sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], root / "joblib")
-    load_after = os.getloadavg()[0]
-    table = subprocess.run(
-        [sys.executable, "-m", "clbench.report", str(root / "joblib"), "--no-plots"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    rows, table = [], ""
+    for epochs in args.epochs:
+        load = os.getloadavg()[0]
+        basic = sweep([f"trainer.epochs={epochs}"], root / f"basic{epochs}")
+        joblib = sweep(
+            ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"trainer.epochs={epochs}"], root / f"joblib{epochs}"
+        )
+        rows.append(f"| {epochs} | {basic:.1f} | {joblib:.1f} | {basic / joblib:.2f}x | {load:.1f} |")
+        table = subprocess.run(
+            [sys.executable, "-m", "clbench.report", str(root / f"joblib{epochs}"), "--no-plots"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     lines = [
         "# Sweep wall time: basic vs joblib launcher",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}. Command: `python benchmarks/sweep_launchers.py`.",
-        "Sweep: 3 strategies x 3 seeds on split_digits (9 jobs), OMP_NUM_THREADS=1 per job.",
-        f"1-minute load average before / after: {load_before:.1f} / {load_after:.1f} (other work on the same cores"
-        " shrinks what a second worker can gain).",
+        f"Python {platform.python_version()}. Command: `python benchmarks/sweep_launchers.py --epochs "
+        f"{' '.join(map(str, args.epochs))}`.",
+        "Sweep: 3 strategies (finetune, joint, independent) x 3 seeds on split_digits (9 jobs), OMP_NUM_THREADS=1.",
+        "The basic launcher runs every job in one process; joblib's two workers each import torch and clbench",
+        "again, which only pays off once jobs last several seconds. Load: 1-minute load average at the start.",
         "",
-        "| launcher | wall time (s) |",
-        "|---|---|",
-        f"| basic (sequential) | {basic:.1f} |",
-        f"| joblib, n_jobs=2 | {joblib:.1f} |",
-        f"| speed-up | {basic / joblib:.2f}x |",
+        "| epochs per task | basic (s) | joblib, n_jobs=2 (s) | speed-up | load |",
+        "|---|---|---|---|---|",
+        *rows,
         "",
-        "Report of the joblib sweep (`python -m clbench.report <dir>`):",
+        f"Report of the last joblib sweep (`python -m clbench.report <dir>`, epochs {args.epochs[-1]}):",
         "",
         table.strip(),
         "",
