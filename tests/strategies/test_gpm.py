@@ -3,44 +3,15 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from torch import nn
 
-from clbench.__main__ import CONFIG_DIR
 from clbench.models import MLP
 from clbench.strategy import Batch
 from strategies.gradient_projection import GPM
 from strategies.gradient_projection.projection import first_task_rank, gpm_update, residual_rank
-
-
-def build(strategy: str, bias: bool = True, overrides: Sequence[str] = (), **kwargs: Any):
-    """A set-up strategy on 3-task Permuted MNIST-5k (shared head, MLP 100-100), composed as a user gets it."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[
-                "stream=permuted_mnist5k",
-                "stream.num_tasks=3",
-                "stream.train_per_task=400",
-                "model=mlp",
-                f"model.bias={str(bias).lower()}",
-                f"strategy={strategy}",
-                "logger=none",
-                *overrides,
-            ],
-        )
-    torch.manual_seed(0)
-    stream = instantiate(cfg.stream)
-    model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes)
-    instance = instantiate(cfg.strategy, **kwargs)
-    instance.setup(model, stream)
-    return instance, stream, model
 
 
 def matrix_with_energies(energies: list[float], dim: int = 12, samples: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +53,7 @@ def test_basis_count_never_exceeds_the_dimension():
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("batch_size", [3, 400])  # factored (delta^T X) and formed-gradient paths
-def test_projected_gradient_is_orthogonal_to_the_stored_bases(bias, batch_size):
+def test_projected_gradient_is_orthogonal_to_the_stored_bases(build, bias, batch_size):
     strategy, stream, _ = build("gpm", bias=bias)
     generator = torch.Generator().manual_seed(1)
     strategy.bases = [
@@ -105,7 +76,7 @@ def test_projected_gradient_is_orthogonal_to_the_stored_bases(bias, batch_size):
         assert (grad - raw).abs().max() > 0  # the projection did something
 
 
-def test_batchnorm_must_not_track_running_statistics():
+def test_batchnorm_must_not_track_running_statistics(build):
     class WithBN(MLP):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -117,7 +88,7 @@ def test_batchnorm_must_not_track_running_statistics():
         GPM().setup(model, stream)
 
 
-def test_batchnorm_affine_parameters_are_frozen_after_the_first_task():
+def test_batchnorm_affine_parameters_are_frozen_after_the_first_task(build):
     class WithBN(MLP):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -131,13 +102,13 @@ def test_batchnorm_affine_parameters_are_frozen_after_the_first_task():
     assert not bn & {id(p) for p in strategy.parameters(stream.tasks[1])}
 
 
-def test_threshold_list_must_match_the_projected_layers():
+def test_threshold_list_must_match_the_projected_layers(build):
     _, stream, model = build("gpm")
     with pytest.raises(ValueError, match="one value or 3"):
         GPM(threshold=[0.9, 0.9]).setup(copy.deepcopy(model), stream)
 
 
-def test_multi_head_leaves_heads_free_and_a_shared_head_is_projected():
+def test_multi_head_leaves_heads_free_and_a_shared_head_is_projected(build):
     strategy, _, _ = build("gpm")
     assert [layer.name for layer in strategy.layers] == ["body.1", "body.3", "heads.heads.0"]
     strategy, _, _ = build("gpm", overrides=["stream=split_digits"])

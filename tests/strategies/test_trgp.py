@@ -3,62 +3,11 @@ tasks, scaled weights reused at evaluation, and tiny end-to-end runs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-
-from clbench.__main__ import CONFIG_DIR
-from clbench.trainer import Trainer
 
 
-def build(strategy: str, bias: bool = True, overrides: Sequence[str] = (), **kwargs: Any):
-    """A set-up strategy on 3-task Permuted MNIST-5k (shared head, MLP 100-100), composed as a user gets it."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[
-                "stream=permuted_mnist5k",
-                "stream.num_tasks=3",
-                "stream.train_per_task=400",
-                "model=mlp",
-                f"model.bias={str(bias).lower()}",
-                f"strategy={strategy}",
-                "logger=none",
-                *overrides,
-            ],
-        )
-    torch.manual_seed(0)
-    stream = instantiate(cfg.stream)
-    model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes)
-    instance = instantiate(cfg.strategy, **kwargs)
-    instance.setup(model, stream)
-    return instance, stream, model
-
-
-class RecordingTrainer(Trainer):
-    """A real trainer that also records the scaling matrices the strategy hands it at the start of fit."""
-
-    def fit(self, strategy, tasks, epochs=None, params=None):
-        self.initial_scales = [[q.detach().clone() for q in layer] for layer in strategy.scales]
-        return super().fit(strategy, tasks, epochs, params)
-
-
-def train_all(strategy, stream, epochs: int = 1) -> RecordingTrainer:
-    trainer = RecordingTrainer(epochs=epochs, batch_size=32, lr=0.05, progress=False)
-    trainer.attach(stream, 0)
-    trainer.initial_history = []
-    for task in stream:
-        strategy.fit_task(task, trainer)
-        trainer.initial_history.append(trainer.initial_scales)
-        strategy.after_task(task)
-    return trainer
-
-
-def test_scaling_matrices_start_at_identity_and_change_only_in_the_trust_region():
+def test_scaling_matrices_start_at_identity_and_change_only_in_the_trust_region(train_all, build):
     strategy, stream, _ = build("trgp", trust_threshold=0.0, top_k=1)
     trainer = train_all(strategy, stream)
     assert strategy.trust[0] == [[], [], []]
@@ -74,7 +23,7 @@ def test_scaling_matrices_start_at_identity_and_change_only_in_the_trust_region(
                 assert (q - torch.eye(q.shape[0])).abs().max() > 0  # learned for the trust-region task
 
 
-def test_no_trust_region_means_no_scaling_and_plain_weights():
+def test_no_trust_region_means_no_scaling_and_plain_weights(train_all, build):
     strategy, stream, model = build("trgp", trust_threshold=1.0)
     train_all(strategy, stream)
     assert all(layer == [] for t in strategy.trust for layer in t)
@@ -83,7 +32,7 @@ def test_no_trust_region_means_no_scaling_and_plain_weights():
     assert torch.equal(strategy.predict(x, 1), model(x, None))
 
 
-def test_trust_region_picks_the_old_tasks_with_the_largest_projection():
+def test_trust_region_picks_the_old_tasks_with_the_largest_projection(train_all, build):
     strategy, stream, _ = build("trgp", trust_threshold=0.3, top_k=1)
     train_all(strategy, stream)
     grads = [torch.randn(100, 785), torch.randn(100, 101), torch.randn(10, 101)]
@@ -93,7 +42,7 @@ def test_trust_region_picks_the_old_tasks_with_the_largest_projection():
     assert trust[0] == [1]
 
 
-def test_evaluation_uses_each_tasks_own_scaled_weights():
+def test_evaluation_uses_each_tasks_own_scaled_weights(train_all, build):
     strategy, stream, model = build("trgp", bias=True, trust_threshold=0.0, top_k=2)
     train_all(strategy, stream)
     task = 2
@@ -126,7 +75,7 @@ def test_trgp_end_to_end_task_and_permuted_streams(run_tiny):
     assert result["status"] == "completed" and result["uses_task_oracle"]
 
 
-def test_frozen_w_u_gives_the_same_projected_gradient_as_the_live_weight():
+def test_frozen_w_u_gives_the_same_projected_gradient_as_the_live_weight(train_all, build):
     strategy, stream, _ = build("trgp", trust_threshold=0.0, top_k=2)
     train_all(strategy, stream)
     task = stream.tasks[2]
