@@ -3,59 +3,11 @@ recheck demotes it, and tiny end-to-end runs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
+import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
-from clbench.__main__ import CONFIG_DIR
 from clbench.strategy import Batch
 from clbench.trainer import Trainer
-
-
-def build(strategy: str, bias: bool = True, overrides: Sequence[str] = (), **kwargs: Any):
-    """A set-up strategy on 3-task Permuted MNIST-5k (shared head, MLP 100-100), composed as a user gets it."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[
-                "stream=permuted_mnist5k",
-                "stream.num_tasks=3",
-                "stream.train_per_task=400",
-                "model=mlp",
-                f"model.bias={str(bias).lower()}",
-                f"strategy={strategy}",
-                "logger=none",
-                *overrides,
-            ],
-        )
-    torch.manual_seed(0)
-    stream = instantiate(cfg.stream)
-    model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes)
-    instance = instantiate(cfg.strategy, **kwargs)
-    instance.setup(model, stream)
-    return instance, stream, model
-
-
-class RecordingTrainer(Trainer):
-    """A real trainer that also records the scaling matrices the strategy hands it at the start of fit."""
-
-    def fit(self, strategy, tasks, epochs=None, params=None):
-        self.initial_scales = [[q.detach().clone() for q in layer] for layer in strategy.scales]
-        return super().fit(strategy, tasks, epochs, params)
-
-
-def train_all(strategy, stream, epochs: int = 1) -> RecordingTrainer:
-    trainer = RecordingTrainer(epochs=epochs, batch_size=32, lr=0.05, progress=False)
-    trainer.attach(stream, 0)
-    trainer.initial_history = []
-    for task in stream:
-        strategy.fit_task(task, trainer)
-        trainer.initial_history.append(trainer.initial_scales)
-        strategy.after_task(task)
-    return trainer
 
 
 class OneStep(Trainer):
@@ -83,16 +35,22 @@ def one_step(strategy, stream, task_id: int = 1) -> OneStep:
     return trainer
 
 
-def trained_cuber(**kwargs):
-    strategy, stream, model = build("cuber", **kwargs)
-    trainer = RecordingTrainer(epochs=1, batch_size=32, lr=0.05, progress=False)
-    trainer.attach(stream, 0)
-    strategy.fit_task(stream.tasks[0], trainer)
-    strategy.after_task(stream.tasks[0])
-    return strategy, stream, model
+@pytest.fixture
+def trained_cuber(build):
+    """``trained_cuber(**strategy_kwargs)``: CUBER set up on 3-task Permuted MNIST-5k after training task 0."""
+
+    def _trained(**kwargs):
+        strategy, stream, model = build("cuber", **kwargs)
+        trainer = Trainer(epochs=1, batch_size=32, lr=0.05, progress=False)
+        trainer.attach(stream, 0)
+        strategy.fit_task(stream.tasks[0], trainer)
+        strategy.after_task(stream.tasks[0])
+        return strategy, stream, model
+
+    return _trained
 
 
-def test_all_old_tasks_in_regime_1_gives_exactly_gpms_update():
+def test_all_old_tasks_in_regime_1_gives_exactly_gpms_update(build, trained_cuber):
     cuber, stream, model = trained_cuber(eps1=1.0)
     gpm, _, _ = build("gpm")
     gpm.model.load_state_dict(model.state_dict())
@@ -104,7 +62,7 @@ def test_all_old_tasks_in_regime_1_gives_exactly_gpms_update():
         assert not torch.allclose(a, raw)
 
 
-def test_positively_correlated_old_task_keeps_its_subspace_update():
+def test_positively_correlated_old_task_keeps_its_subspace_update(trained_cuber):
     cuber, stream, _ = trained_cuber(eps1=0.0, eps2=-1.0, lam=0.0)  # every trusted task in regime 3
     step = one_step(cuber, stream)
     assert cuber.regime_log[-1]["start"] == [[3], [3], [3]]
@@ -117,7 +75,7 @@ def test_positively_correlated_old_task_keeps_its_subspace_update():
         assert (grad @ rest).abs().max() < 1e-4 * raw.abs().max() + 1e-7
 
 
-def test_failed_correlation_recheck_demotes_to_regime_2():
+def test_failed_correlation_recheck_demotes_to_regime_2(trained_cuber):
     cuber, stream, _ = trained_cuber(eps1=0.0, eps2=-1.0, lam=0.0)
 
     class StrictRecheck(OneStep):
@@ -135,7 +93,7 @@ def test_failed_correlation_recheck_demotes_to_regime_2():
         assert (grad @ bases).abs().max() < 1e-4 * grad.abs().max() + 1e-6  # projected out, as regime 2
 
 
-def test_lambda_penalty_pulls_back_inside_regime_3_subspaces():
+def test_lambda_penalty_pulls_back_inside_regime_3_subspaces(trained_cuber):
     cuber, stream, _ = trained_cuber(bias=False, eps1=0.0, eps2=-1.0, lam=10.0)
     one_step(cuber, stream)
     member = cuber.regime3[0][0]
