@@ -8,6 +8,7 @@ truncated file behind.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -41,15 +42,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` with the same temporary-file-and-rename guarantee."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def json_ready(value: Any) -> Any:

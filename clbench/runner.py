@@ -146,7 +146,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     accuracy_curves: list[list[list[float]]] = []
     first_task = 0
     started = time.perf_counter()
-    random_init_acc = np.asarray(trainer.evaluate(strategy, give_task_id))
     if resume and checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
         strategy.load_state_dict(checkpoint["strategy"])
@@ -159,6 +158,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         accuracy_curves = checkpoint.get("accuracy_curves", [])
         class_acc = checkpoint.get("class_acc", [])
         print(f"clbench: resuming {run_dir} after task {first_task - 1}")
+    else:
+        random_init_acc = np.asarray(trainer.evaluate(strategy, give_task_id))
 
     group = f"{stream.name}/{context.sweep_dir.name}" if context.sweep_dir is not None else stream.name
     info = RunInfo(

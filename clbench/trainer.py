@@ -107,8 +107,7 @@ class Trainer:
             index = torch.cat([t.train_index for t in tasks])
             targets = torch.cat([t.train_targets for t in tasks])
             sizes = torch.tensor([t.num_train for t in tasks], device=index.device)
-            task_ids = torch.arange(len(tasks), device=index.device).repeat_interleave(sizes)
-            task_ids = torch.tensor([t.id for t in tasks], device=index.device)[task_ids]
+            task_ids = torch.tensor([t.id for t in tasks], device=index.device).repeat_interleave(sizes)
         epochs = self.epochs if epochs is None else epochs
         num_samples = int(index.numel())
         steps = math.ceil(num_samples / self.batch_size)
@@ -242,10 +241,10 @@ class Trainer:
         assert self.stream is not None
         index = task.test_index if split == "test" else task.val_index
         targets = task.test_targets if split == "test" else task.val_targets
+        pool_split = "test" if split == "test" else "train"  # validation images live in the training pool
         correct = torch.zeros((), device=index.device, dtype=torch.int64)
         for start in range(0, int(index.numel()), self.eval_batch_size):
             chosen = slice(start, start + self.eval_batch_size)
-            pool_split = "test" if split == "test" else "train"
             x = self.stream.inputs(pool_split, index[chosen], task.id)
             logits = strategy.predict(x, task.id if give_task_id else None)
             correct += (logits.argmax(dim=1) == targets[chosen]).sum()
