@@ -11,6 +11,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from clbench.__main__ import CONFIG_DIR
+from clbench.data import load_synthetic
+from clbench.models import MLP
+from clbench.streams import split_stream
 from clbench.trainer import Trainer
 
 
@@ -67,3 +70,22 @@ def build():
 def train_all():
     """``train_all(strategy, stream)`` trains every task with a trainer that records TRGP's scales."""
     return _train_all
+
+
+def _masked_setup(strategy, num_tasks: int = 5, **trainer_settings: Any):
+    """``strategy`` set up on a synthetic split stream (MLP 32-32) plus a trainer. By default SGD with momentum
+    and weight decay: both would move frozen weights through a zero gradient, so a freeze guard must stop them."""
+    torch.manual_seed(0)
+    data = load_synthetic(num_classes=2 * num_tasks, shape=(1, 8, 8), train_per_class=40, test_per_class=10)
+    stream = split_stream(data, num_tasks, 2)
+    strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[32, 32]), stream)
+    settings = {"epochs": 1, "batch_size": 16, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, **trainer_settings}
+    trainer = Trainer(progress=False, **settings)
+    trainer.attach(stream, 0)
+    return stream, trainer
+
+
+@pytest.fixture
+def masked_setup():
+    """``masked_setup(strategy, num_tasks=5, **trainer_settings)`` -> (stream, trainer) for supermask tests."""
+    return _masked_setup

@@ -3,28 +3,13 @@
 import pytest
 import torch
 
-from clbench.data import load_synthetic
-from clbench.models import MLP
-from clbench.streams import split_stream
-from clbench.trainer import Trainer
 from strategies.supermasks.base import choose_by_variant
 from strategies.supermasks.exssnet import ExSSNeT, knn_accuracy
 
 
-def build(strategy, num_tasks=5):
-    torch.manual_seed(0)
-    data = load_synthetic(num_classes=2 * num_tasks, shape=(1, 8, 8), train_per_class=40, test_per_class=10)
-    stream = split_stream(data, num_tasks, 2)
-    strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[32, 32]), stream)
-    # Momentum and weight decay would move frozen weights through a zero gradient: the guard must stop it.
-    trainer = Trainer(epochs=1, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-3, progress=False)
-    trainer.attach(stream, 0)
-    return stream, trainer
-
-
-def test_exclusive_update_leaves_earlier_masks_weights_bit_identical():
+def test_exclusive_update_leaves_earlier_masks_weights_bit_identical(masked_setup):
     strategy = ExSSNeT(density=0.3, knn="best", knn_k=5)
-    stream, trainer = build(strategy)
+    stream, trainer = masked_setup(strategy)
     for task in stream:
         before = [layer.weight.detach().clone() for layer in strategy.layers]
         used_before = [layer.used.clone() for layer in strategy.layers]
@@ -41,9 +26,9 @@ def test_exclusive_update_leaves_earlier_masks_weights_bit_identical():
         assert moved > 0, "the weight phase trained nothing"
 
 
-def test_task_one_logits_identical_after_task_five():
+def test_task_one_logits_identical_after_task_five(masked_setup):
     strategy = ExSSNeT(density=0.3, knn="always", knn_k=5)
-    stream, trainer = build(strategy)
+    stream, trainer = masked_setup(strategy)
     x = stream.inputs("test", stream[0].test_index, 0)
     strategy.fit_task(stream[0], trainer)
     strategy.after_task(stream[0])
@@ -60,9 +45,9 @@ def test_task_one_logits_identical_after_task_five():
     assert all(len(c["from_tasks"]) == 1 for c in strategy.transfers)
 
 
-def test_kkt_copies_the_chosen_tasks_scores():
+def test_kkt_copies_the_chosen_tasks_scores(masked_setup):
     strategy = ExSSNeT(density=0.3, knn="always", knn_k=5, weight_epochs=0)
-    stream, trainer = build(strategy, num_tasks=2)
+    stream, trainer = masked_setup(strategy, num_tasks=2)
     strategy.fit_task(stream[0], trainer)
     strategy.after_task(stream[0])
     strategy.transfer_scores(stream[1])

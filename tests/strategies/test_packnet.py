@@ -2,26 +2,12 @@
 
 import torch
 
-from clbench.data import load_synthetic
-from clbench.models import MLP
-from clbench.streams import split_stream
-from clbench.trainer import Trainer
 from strategies.supermasks.packnet import PackNet
 
 
-def build(strategy, num_tasks=5):
-    torch.manual_seed(0)
-    data = load_synthetic(num_classes=2 * num_tasks, shape=(1, 8, 8), train_per_class=40, test_per_class=10)
-    stream = split_stream(data, num_tasks, 2)
-    strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[32, 32]), stream)
-    trainer = Trainer(epochs=1, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-3, progress=False)
-    trainer.attach(stream, 0)
-    return stream, trainer
-
-
-def test_prune_retrain_freeze():
+def test_prune_retrain_freeze(masked_setup):
     strategy = PackNet(prune=0.5)
-    stream, trainer = build(strategy)
+    stream, trainer = masked_setup(strategy)
     x = stream.inputs("test", stream[0].test_index, 0)
     right_after = None
     for task in stream:

@@ -2,27 +2,13 @@
 
 import torch
 
-from clbench.data import load_synthetic
-from clbench.models import MLP
-from clbench.streams import split_stream
-from clbench.trainer import Trainer
 from strategies.supermasks.layers import num_kept
 from strategies.supermasks.wsn import WSN
 
 
-def build(strategy, num_tasks=5):
-    torch.manual_seed(0)
-    data = load_synthetic(num_classes=2 * num_tasks, shape=(1, 8, 8), train_per_class=40, test_per_class=10)
-    stream = split_stream(data, num_tasks, 2)
-    strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[32, 32]), stream)
-    trainer = Trainer(epochs=1, batch_size=16, lr=0.01, optimizer="adam", weight_decay=1e-3, progress=False)
-    trainer.attach(stream, 0)
-    return stream, trainer
-
-
-def test_used_weights_frozen_and_task_one_logits_identical():
+def test_used_weights_frozen_and_task_one_logits_identical(masked_setup):
     strategy = WSN(density=0.5)
-    stream, trainer = build(strategy)
+    stream, trainer = masked_setup(strategy, optimizer="adam", lr=0.01, momentum=0.0)
     x = stream.inputs("test", stream[0].test_index, 0)
     right_after = None
     for task in stream:
@@ -39,9 +25,9 @@ def test_used_weights_frozen_and_task_one_logits_identical():
         assert torch.equal(logits, right_after)
 
 
-def test_masks_keep_top_c_and_heads_dense():
+def test_masks_keep_top_c_and_heads_dense(masked_setup):
     strategy = WSN(density=0.3)
-    stream, trainer = build(strategy, num_tasks=2)
+    stream, trainer = masked_setup(strategy, num_tasks=2, optimizer="adam", lr=0.01, momentum=0.0)
     strategy.fit_task(stream[0], trainer)
     strategy.after_task(stream[0])
     for layer in strategy.task_layers(0):
