@@ -78,7 +78,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def _experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a config that change results (not paths, loggers or progress bars)."""
     stream = without_paths(config.get("stream", {}))
-    trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in ("progress", "eval_batch_size")}
+    evaluation_only = ("progress", "eval_batch_size", "batched_eval")
+    trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in evaluation_only}
     keys = ("model", "strategy", "seed", "deterministic")
     return {"stream": stream, "trainer": trainer, **{k: config.get(k) for k in keys}}
 
@@ -111,6 +112,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = select_device(str(cfg.device), context.job_num if context.multirun else 0)
     seed = int(cfg.seed)
     seed_everything(seed, bool(cfg.get("deterministic", False)))
+    if cfg.get("cpu_threads") is not None:
+        if int(cfg.cpu_threads) < 1:
+            raise ConfigError(f"cpu_threads must be >= 1 (or null for torch's default), got {cfg.cpu_threads}")
+        torch.set_num_threads(int(cfg.cpu_threads))
 
     strategy: Strategy = instantiate(cfg.strategy)
     trainer: Trainer = instantiate(cfg.trainer)
@@ -134,6 +139,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes).to(device)
     strategy.setup(model, stream)
     trainer.attach(stream, seed)
+    trainer.prepare(strategy)
     give_task_id = stream.scenario == "task" or strategy.uses_task_oracle
     num_tasks = len(stream)
     task_names = [task.name for task in stream.evaluation_tasks]

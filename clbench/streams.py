@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -137,23 +138,33 @@ class Stream:
     def inputs(self, split: str, index: Tensor, task_ids: TaskIds) -> Tensor:
         """Model inputs for pool positions ``index`` of ``split`` ("train" or "test"), as task(s) ``task_ids``.
 
-        ``task_ids`` is an int when the whole batch is one task (the fast path) or a [B] tensor.
+        ``task_ids`` is an int when the whole batch is one task (the fast path) or a [B] tensor. Pixels are
+        gathered (and permuted) as uint8, then converted and normalised in one affine pass, so a batch costs
+        a handful of kernels: this runs once per training step.
         """
         pool = self.x_train if split == "train" else self.x_test
-        x = pool[index].float()
-        if pool.dtype == torch.uint8:
-            x = x / 255.0
-        if self.angles is not None:
+        shape = (-1, pool.shape[1], 1, 1)
+        if self.angles is not None:  # rotation zero-fills, so it works on [0, 1] images before normalising
+            x = pool[index].float()
+            if pool.dtype == torch.uint8:
+                x = x / 255.0
             x = rotate(x, self.angles[task_ids])
+            return (x - self.mean[task_ids].view(shape)) / self.std[task_ids].view(shape)
+        x = pool.index_select(0, index)  # on CPU several times faster than pool[index]
         if self.permutations is not None:
             flat = x.flatten(1)
-            if isinstance(task_ids, int):
-                flat = flat[:, self.permutations[task_ids]]
-            else:
-                flat = flat.gather(1, self.permutations[task_ids])
-            x = flat.view_as(x)
-        shape = (-1, x.shape[1], 1, 1)
-        return (x - self.mean[task_ids].view(shape)) / self.std[task_ids].view(shape)
+            # gather beats column indexing (flat[:, perm]) by ~4x on CPU; an expanded index costs no copy
+            table = self.permutations[task_ids]
+            x = flat.gather(1, table.expand(flat.shape[0], -1) if table.dim() == 1 else table).view_as(x)
+        scale, shift = self.affine
+        return x.float().mul_(scale[task_ids].view(shape)).sub_(shift[task_ids].view(shape))
+
+    @cached_property
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """Per task and channel, ``(scale, shift)`` with ``pixel * scale - shift == (pixel / 255 - mean) / std``
+        for uint8 pools (``(pixel - mean) / std`` for float pools)."""
+        peak = 255.0 if self.x_train.dtype == torch.uint8 else 1.0
+        return 1.0 / (self.std * peak), self.mean / self.std
 
 
 def rotate(images: Tensor, degrees: Tensor) -> Tensor:

@@ -1,0 +1,162 @@
+"""The runner's fast paths: per-batch input transforms, batched evaluation of R, and the trainer's speed
+switches (bf16 autocast, channels-last, torch.compile, CPU threads). Each must give what the plain path
+gives, or differ only where the switch says it does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from clbench.trainer import Trainer
+from strategies.finetune import Finetune
+from strategies.gradient_projection import GPM
+
+
+def build(compose_cfg, overrides, strategy=None, **trainer_kwargs):
+    cfg = compose_cfg(overrides)
+    torch.manual_seed(0)
+    stream = instantiate(cfg.stream)
+    model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes)
+    strategy = strategy or Finetune()
+    strategy.setup(model, stream)
+    trainer = Trainer(progress=False, batch_size=32, **trainer_kwargs)
+    trainer.attach(stream, 0)
+    return strategy, stream, trainer
+
+
+PERMUTED = ["stream=permuted_mnist5k", "stream.num_tasks=3", "stream.train_per_task=300"]
+
+
+def reference_inputs(stream, split, index, task_id):
+    """The transform written out the slow, obvious way: gather, scale to [0, 1], permute, normalise."""
+    pool = stream.x_train if split == "train" else stream.x_test
+    x = pool[index].float() / 255.0
+    flat = x.flatten(1)[:, stream.permutations[task_id]]
+    return ((flat - stream.mean[task_id, 0]) / stream.std[task_id, 0]).view_as(x)
+
+
+def test_fused_permuted_inputs_equal_the_written_out_transform(compose_cfg):
+    _, stream, _ = build(compose_cfg, PERMUTED)
+    for task in stream:
+        index = task.train_index[:50]
+        expected = reference_inputs(stream, "train", index, task.id)
+        torch.testing.assert_close(stream.inputs("train", index, task.id), expected, rtol=1e-5, atol=1e-5)
+        mixed = torch.full((50,), task.id, dtype=torch.long)
+        torch.testing.assert_close(stream.inputs("train", index, mixed), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_row_equals_task_by_task_row(compose_cfg):
+    strategy, stream, trainer = build(compose_cfg, PERMUTED, eval_batch_size=256)
+    trainer.fit(strategy, [stream.tasks[0]])
+    batched = trainer.evaluate(strategy, give_task_id=False)
+    trainer.batched_eval = False
+    per_task = trainer.evaluate(strategy, give_task_id=False)
+    assert batched == pytest.approx(per_task, abs=1e-9)
+    assert len(set(per_task)) > 1  # the tasks really differ, so a mix-up of owners would show
+
+
+def test_batched_evaluation_is_not_used_when_the_task_id_is_given(compose_cfg):
+    strategy, stream, trainer = build(compose_cfg, ["stream=split_digits"])
+    trainer._batched_row = lambda *_: pytest.fail("task-aware evaluation must go task by task")
+    assert len(trainer.evaluate(strategy, give_task_id=True)) == len(stream)
+
+
+def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_parameters_fp32(compose_cfg):
+    strategy, stream, trainer = build(compose_cfg, PERMUTED, amp="bf16", eval_amp="bf16", lr=0.1, epochs=3)
+    seen = []
+    forward = strategy.forward
+    strategy.forward = lambda x, ids: seen.append(forward(x, ids)) or seen[-1]
+    losses = trainer.fit(strategy, [stream.tasks[0]])
+    assert seen[0].dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in strategy.model.parameters())
+    row = trainer.evaluate(strategy, give_task_id=False)
+    assert losses[-1] < losses[0] and row[0] > 50.0  # it learned task 0
+
+
+def test_eval_amp_changes_only_evaluation_precision(compose_cfg):
+    strategy, stream, trainer = build(compose_cfg, PERMUTED)
+    trainer.fit(strategy, [stream.tasks[0]])
+    exact = trainer.evaluate(strategy, give_task_id=False)
+    trainer.eval_amp = "bf16"
+    approximate = trainer.evaluate(strategy, give_task_id=False)
+    assert approximate == pytest.approx(exact, abs=2.0)
+
+
+@pytest.mark.parametrize("key", ["amp", "eval_amp"])
+def test_unknown_precision_names_the_choices(key):
+    with pytest.raises(ValueError, match=rf"trainer\.{key} 'fp8'.*bf16"):
+        Trainer(**{key: "fp8"})
+
+
+def test_unknown_compile_mode_names_the_choices():
+    with pytest.raises(ValueError, match=r"trainer\.compile 'fast'.*reduce-overhead"):
+        Trainer(compile="fast")
+
+
+def test_channels_last_inputs_with_gpm_projection_on_a_conv_net(compose_cfg):
+    """NHWC inputs reach the convolutions, and GPM's projected gradients stay orthogonal to the bases."""
+    overrides = [
+        "stream=synthetic",
+        "stream.num_tasks=2",
+        "stream.dataset.num_classes=4",
+        "stream.dataset.shape=[3,32,32]",
+        "stream.dataset.train_per_class=24",
+        "model=alexnet",
+        "model.channels=[8,8,8]",
+        "model.hidden=[16,16]",
+    ]
+    strategy, stream, trainer = build(compose_cfg, overrides, strategy=GPM(threshold=0.9), channels_last=True)
+    layouts = []
+    first_conv = next(m for m in strategy.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_pre_hook(
+        lambda _m, inputs: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    trainer.fit(strategy, [stream.tasks[0]], epochs=1)
+    assert layouts and all(layouts)  # every training batch
+    strategy.after_task(stream.tasks[0])
+    captured = {}
+    step = strategy.after_backward
+
+    def after_backward(task):
+        step(task)
+        captured.update({i: layer.grad_matrix().clone() for i, layer in enumerate(strategy.layers)})
+
+    strategy.after_backward = after_backward
+    trainer.fit(strategy, [stream.tasks[1]], epochs=1)
+    for i, basis in enumerate(strategy.bases):
+        if basis is not None and basis.shape[1]:
+            assert (captured[i] @ basis).abs().max() < 1e-4
+
+
+def test_compile_gives_the_uncompiled_accuracy_matrix(run_tiny):
+    overrides = ["stream=permuted_mnist5k", "stream.num_tasks=2", "stream.train_per_task=1000", "trainer.epochs=2"]
+    plain = run_tiny(overrides)
+    compiled = run_tiny([*overrides, "trainer.compile=default"])
+    assert compiled["run_id"] != plain["run_id"]
+    assert np.allclose(compiled["acc_matrix"], plain["acc_matrix"], atol=0.5)
+    assert max(max(row) for row in plain["acc_matrix"]) > 50.0  # it trained, so equal matrices mean something
+
+
+def test_cpu_threads_sets_torch_threads_and_rejects_zero(run_tiny):
+    before = torch.get_num_threads()
+    try:
+        run_tiny(["stream=split_digits", "stream.num_tasks=2", "cpu_threads=1"])
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="cpu_threads must be >= 1"):
+            run_tiny(["stream=split_digits", "stream.num_tasks=2", "cpu_threads=0"])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_prepare_compiles_every_model_the_strategy_evaluates(compose_cfg):
+    from torch._dynamo.utils import counters
+
+    strategy, stream, trainer = build(compose_cfg, PERMUTED, compile="default")
+    names = [name for name, _ in strategy.model.named_parameters()]
+    trainer.prepare(strategy)
+    counters.clear()
+    trainer.fit(strategy, [stream.tasks[0]], epochs=1)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model's forward
+    assert [name for name, _ in strategy.model.named_parameters()] == names  # compiled in place
