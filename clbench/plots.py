@@ -61,3 +61,106 @@ def save_curve(values: Sequence[float], title: str, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+MAX_LABELLED = 16
+"""Up to this many preferences the Pareto plot names every one; beyond it, only the front."""
+
+
+def trade_off_pair(final_acc: np.ndarray) -> tuple[int, int]:
+    """The two tasks whose final accuracies trade off most across preferences: the most negative covariance
+    (a conflict over a wide range, so the 2-D view shows the front, not a blob); with no conflict at all,
+    the two that vary most."""
+    values = np.asarray(final_acc, dtype=np.float64)
+    pairs = [(a, b) for a in range(values.shape[1]) for b in range(a + 1, values.shape[1])]
+    if not pairs:
+        return 0, 0
+    centred = values - values.mean(axis=0)
+    covariance = {pair: float((centred[:, pair[0]] * centred[:, pair[1]]).mean()) for pair in pairs}
+    spread = {pair: float(values[:, pair[0]].std() + values[:, pair[1]].std()) for pair in pairs}
+    most_conflicting = min(pairs, key=lambda pair: (covariance[pair], -spread[pair]))
+    return most_conflicting if covariance[most_conflicting] < 0 else max(pairs, key=lambda pair: spread[pair])
+
+
+def short_task_label(name: str, index: int) -> str:
+    """``T<index>`` plus what a stream's task name holds in brackets (its classes), one class a line."""
+    inner = name[name.find("[") + 1 : name.rfind("]")] if "[" in name and name.endswith("]") else name
+    return f"T{index}\n" + "\n".join(inner.split(",")) if inner and inner != f"task {index}" else f"T{index}"
+
+
+def save_pareto(
+    final_acc: np.ndarray | Sequence[Sequence[float]],
+    non_dominated: Sequence[bool],
+    preferences: np.ndarray | Sequence[Sequence[float]],
+    title: str,
+    path: Path,
+    task_names: Sequence[str] | None = None,
+) -> Path:
+    """Per-preference final accuracies (IBCL's Pareto front) in two views.
+
+    Left, parallel coordinates: one line per preference across the tasks, Pareto-optimal preferences in
+    colour (legend below: the preference vector), dominated ones grey and dashed. Right, the two tasks that
+    trade off most (:func:`trade_off_pair`): one labelled point per preference and the front of that pair as
+    a staircase. With a single task only the left view is drawn.
+    """
+    values = np.asarray(final_acc, dtype=np.float64)
+    weights = np.asarray(preferences, dtype=np.float64)
+    flags = list(non_dominated)
+    num_prefs, num_tasks = values.shape
+    names = list(task_names) if task_names is not None else [f"task {j}" for j in range(num_tasks)]
+    labels = [short_task_label(name, j) for j, name in enumerate(names)]
+    colours = plt.get_cmap("tab10")
+    optimal = [p for p in range(num_prefs) if flags[p]]
+    colour_of = {p: colours(k % 10) for k, p in enumerate(optimal)}
+    panels = 2 if num_tasks > 1 else 1
+    figure, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 5.6), squeeze=False)
+    left = axes[0, 0]
+    positions = np.arange(num_tasks)
+    for p in range(num_prefs):
+        if not flags[p]:
+            left.plot(positions, values[p], color="0.7", ls="--", lw=0.9, zorder=1)
+    for p in optimal:
+        label = f"p{p}: " + " ".join(f"{w:.2f}" for w in weights[p]) if len(optimal) <= MAX_LABELLED else None
+        left.plot(positions, values[p], color=colour_of[p], marker="o", ms=4, lw=1.5, label=label, zorder=2)
+    if len(optimal) > MAX_LABELLED:
+        left.plot([], [], color=colour_of[optimal[0]], marker="o", ms=4, label=f"Pareto-optimal ({len(optimal)})")
+    if num_prefs > len(optimal):
+        left.plot([], [], color="0.7", ls="--", label=f"dominated ({num_prefs - len(optimal)})")
+    left.set_xticks(positions)
+    left.set_xticklabels(labels, fontsize=7)
+    left.set_ylabel("final accuracy (%)")
+    left.set_title("per-task accuracy, one line per preference", fontsize=9)
+    left.grid(alpha=0.3)
+    left.legend(
+        fontsize=6.5,
+        title="Pareto-optimal preferences: weight of T0 ... T" + str(num_tasks - 1),
+        title_fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+        ncol=2,
+    )
+    if panels == 2:
+        a, b = trade_off_pair(values)
+        right = axes[0, 1]
+        pair = values[:, [a, b]]
+        front = [p for p in range(num_prefs) if not ((pair >= pair[p]).all(1) & (pair > pair[p]).any(1)).any()]
+        front = sorted(front, key=lambda p: pair[p, 0])
+        for p in range(num_prefs):
+            colour = colour_of.get(p, "0.6")
+            right.scatter(values[p, a], values[p, b], color=colour, s=30 if flags[p] else 18, zorder=2)
+            if num_prefs <= MAX_LABELLED or p in front:  # many preferences: label the pair's front only
+                point = (values[p, a], values[p, b])
+                right.annotate(f"p{p}", point, fontsize=7, xytext=(3, 3), textcoords="offset points")
+        right.step(
+            pair[front, 0], pair[front, 1], where="pre", color="black", lw=1, alpha=0.6, label="front of these two"
+        )
+        right.set_xlabel(f"T{a} accuracy (%)")
+        right.set_ylabel(f"T{b} accuracy (%)")
+        right.set_title(f"the two tasks that trade off most: T{a} vs T{b} (colour: Pareto-optimal on all)", fontsize=9)
+        right.grid(alpha=0.3)
+        right.legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path

@@ -182,7 +182,8 @@ def mean_matrices(results: Sequence[dict[str, Any]], by: Sequence[str]) -> dict[
 
 
 def write_plots(results: Sequence[dict[str, Any]], frame: pd.DataFrame, by: Sequence[str], folder: Path) -> list[Path]:
-    """The grid of mean accuracy-matrix heatmaps, ACC-over-tasks curves, and the BWT-vs-FWT scatter."""
+    """The grid of mean accuracy-matrix heatmaps, ACC-over-tasks curves, the BWT-vs-FWT scatter, and per IBCL
+    run its Pareto front (:func:`write_pareto_plots`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,6 +244,28 @@ def write_plots(results: Sequence[dict[str, Any]], frame: pd.DataFrame, by: Sequ
     figure.savefig(path, dpi=110)
     plt.close(figure)
     written.append(path)
+    written += write_pareto_plots(results, folder)
+    return written
+
+
+def write_pareto_plots(results: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
+    """One Pareto-front figure per IBCL run (a result holding ``ibcl.pareto_front``): per-preference final
+    accuracies, ``ibcl_pareto_<stream>_<run id>.png``. Runs of other strategies are skipped."""
+    from clbench.plots import save_pareto
+
+    written = []
+    for result in results:
+        front = (result.get("ibcl") or {}).get("pareto_front") or {}
+        if not front.get("final_acc"):
+            continue
+        names = [task.get("name", f"task {k}") for k, task in enumerate(result.get("tasks", []))] or None
+        run = result.get("run_id") or f"seed{result.get('seed')}"
+        title = f"IBCL on {result.get('stream')} ({run}): final accuracy per preference, Pareto-optimal in colour"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"ibcl_pareto_{result.get('stream')}_{run}.png"
+        written.append(
+            save_pareto(front["final_acc"], front["non_dominated"], result["ibcl"]["preferences"], title, path, names)
+        )
     return written
 
 

@@ -108,3 +108,26 @@ def test_l2m_columns_on_request(results, capsys):
     assert report.main([str(results), "--no-plots", "--l2m"]) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert "| Forgetting | l2m_performance_maintenance |" in header and "| ACC |" in header
+
+
+def test_ibcl_runs_get_a_pareto_front_plot(results, tmp_path):
+    final = [[95.0, 60.0, 80.0], [70.0, 90.0, 85.0], [65.0, 55.0, 70.0], [90.0, 70.0, 60.0]]
+    _result(
+        results,
+        "ibcl",
+        0,
+        85.0,
+        1.0,
+        run_id="seed0-abc",
+        tasks=[{"name": f"t{k}"} for k in range(3)],
+        ibcl={
+            "preferences": [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.5, 0.4, 0.1]],
+            "pareto_front": {"final_acc": final, "non_dominated": [True, True, False, True], "indices": [0, 1, 3]},
+        },
+    )
+    assert report.main([str(results), "--plots", str(tmp_path / "plots")]) == 0
+    written = list((tmp_path / "plots").glob("ibcl_pareto_*.png"))
+    assert [p.name for p in written] == ["ibcl_pareto_stream_a_seed0-abc.png"]
+    assert written[0].stat().st_size > 10_000
+    # runs of other strategies get no Pareto plot
+    assert report.write_pareto_plots([{"stream": "s", "metrics": {}}], tmp_path / "none") == []

@@ -1,8 +1,20 @@
 """Models: a backbone plus one head per task or one shared head (see :class:`ContinualModel`)."""
 
 from clbench.models.alexnet import AlexNet
+from clbench.models.bayesian import BayesConv2d, BayesLinear, GaussianPosterior, bayesianize
 from clbench.models.heads import ContinualModel, MultiHead, reset_parameters
 from clbench.models.mlp import MLP
 from clbench.models.resnet import ResNet18
 
-__all__ = ["MLP", "AlexNet", "ContinualModel", "MultiHead", "ResNet18", "reset_parameters"]
+__all__ = [
+    "MLP",
+    "AlexNet",
+    "BayesConv2d",
+    "BayesLinear",
+    "ContinualModel",
+    "GaussianPosterior",
+    "MultiHead",
+    "ResNet18",
+    "bayesianize",
+    "reset_parameters",
+]

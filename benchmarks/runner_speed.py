@@ -1,0 +1,387 @@
+"""clbench's runner against Avalanche 0.6 and a bare PyTorch loop, its evaluation share, and its memory.
+
+Four measurements, each side by side in one invocation on the same machine (the machine is printed):
+
+``avalanche``  whole process, imports included: ``python -m clbench`` vs an Avalanche 0.6 script (Naive
+               strategy, the standard ``train(experience)`` / ``eval(test_stream)`` loop) on the same
+               5-task Permuted MNIST-5k tensors, MLP 784-100-100-10, SGD lr 0.1, batch 64, 5 epochs;
+               both fill the same R (random-init row included). clbench runs twice: with its default
+               W&B (offline) logger and with ``logger=none``.
+``overhead``   in one process: clbench's training time (``timings.fit_s``) vs a hand-written PyTorch loop
+               doing the same steps (same per-epoch shuffles from the same generator, same batches, same
+               model and initialisation) and the same evaluation of R.
+``eval``       the share of a run's time spent filling R for T = 20 tasks.
+``memory``     peak resident memory of a run on 2 vs 100 permuted tasks (each in its own process).
+
+    python benchmarks/runner_speed.py all                 # CPU, ~3 min on 2 cores
+    python benchmarks/runner_speed.py all --device cuda   # the same on a GPU
+
+Results go to stdout and to ``benchmarks/results/runner_speed_<device>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL = [
+    "stream=permuted_mnist5k",
+    "stream.num_tasks=5",
+    "model=mlp",
+    "model.hidden=[100,100]",
+    "strategy=finetune",
+    "trainer.epochs=5",
+    "trainer.batch_size=64",
+    "trainer.lr=0.1",
+    "trainer.optimizer=sgd",
+    "trainer.momentum=0.0",
+]
+EPOCHS, BATCH, LR = 5, 64, 0.1
+
+
+def machine(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        where = torch.cuda.get_device_name(0)
+    else:
+        cpu = platform.processor() or platform.machine()
+        where = f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+    return f"{where}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+# -------------------------------------------------------------------------------------------------
+# data shared by the three loops: clbench's own stream, exported as plain tensors
+# -------------------------------------------------------------------------------------------------
+
+
+def export_tensors(path: Path, seed: int, num_tasks: int = 5) -> None:
+    """Per task the model inputs and targets clbench trains and tests on, as float tensors in a file."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from clbench.__main__ import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*PROTOCOL, f"stream.num_tasks={num_tasks}", f"seed={seed}"])
+    stream = instantiate(cfg.stream)
+    tasks = []
+    for task in stream:
+        tasks.append(
+            {
+                "x_train": stream.inputs("train", task.train_index, task.id).flatten(1),
+                "y_train": task.train_targets.clone(),
+                "x_test": stream.inputs("test", task.test_index, task.id).flatten(1),
+                "y_test": task.test_targets.clone(),
+            }
+        )
+    torch.save(tasks, path)
+
+
+# -------------------------------------------------------------------------------------------------
+# Avalanche, whole process
+# -------------------------------------------------------------------------------------------------
+
+
+def avalanche_child(data: Path, seed: int, device: str) -> None:
+    """An Avalanche 0.6 user's script: tensors -> benchmark -> Naive -> train / eval loop."""
+    import torch
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    torch.manual_seed(seed)
+    tasks = torch.load(data)
+    bench = benchmark_from_datasets(
+        train=[_make_taskaware_tensor_classification_dataset(t["x_train"], t["y_train"]) for t in tasks],
+        test=[_make_taskaware_tensor_classification_dataset(t["x_test"], t["y_test"]) for t in tasks],
+    )
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, 100), torch.nn.ReLU(), torch.nn.Linear(100, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10)
+    )
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
+    strategy = Naive(
+        model,
+        torch.optim.SGD(model.parameters(), lr=LR),
+        torch.nn.CrossEntropyLoss(),
+        train_mb_size=BATCH,
+        train_epochs=EPOCHS,
+        eval_mb_size=1000,
+        device=device,
+        evaluator=evaluator,
+    )
+    rows = [strategy.eval(bench.test_stream)]  # the random-init row b, as clbench's
+    for experience in bench.train_stream:
+        strategy.train(experience)
+        rows.append(strategy.eval(bench.test_stream))
+    final = rows[-1]
+    accs = [v for k, v in final.items() if k.startswith("Top1_Acc_Exp/eval_phase/test_stream")]
+    print(f"AVALANCHE ACC {100 * sum(accs) / len(accs):.2f}")
+
+
+def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
+    tick = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - tick
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return seconds, done.stdout + done.stderr
+
+
+def bench_avalanche(args: argparse.Namespace, work: Path) -> list[str]:
+    data = work / "pmnist5k.pt"
+    export_tensors(data, args.seed)
+    common = [sys.executable, "-m", "clbench", *PROTOCOL, f"seed={args.seed}", f"device={args.device}", "resume=false"]
+    lines = [
+        "## clbench vs Avalanche 0.6, whole process (5-task Permuted MNIST-5k, MLP 100-100, SGD, batch 64, 5 epochs)",
+        "",
+        "| run | repeat | wall s | final ACC (%) |",
+        "|---|---|---|---|",
+    ]
+    times: dict[str, list[float]] = {"clbench (default, W&B offline)": [], "clbench logger=none": [], "avalanche": []}
+    env = dict(os.environ, WANDB_SILENT="true")
+    for repeat in range(args.repeats):
+        runs = {
+            "clbench (default, W&B offline)": [*common, f"results_dir={work / 'r_wandb'}"],
+            "clbench logger=none": [*common, "logger=none", f"results_dir={work / 'r_none'}"],
+            "avalanche": [
+                sys.executable,
+                __file__,
+                "avalanche-child",
+                "--data",
+                str(data),
+                "--seed",
+                str(args.seed),
+                "--device",
+                args.device,
+            ],
+        }
+        for name, command in runs.items():
+            seconds, text = timed(command, env)
+            found = re.search(r"AVALANCHE ACC ([\d.]+)", text) or re.search(r"ACC ([\d.]+)% \|", text)
+            acc = found.group(1) if found else "?"
+            times[name].append(seconds)
+            lines.append(f"| {name} | {repeat} | {seconds:.2f} | {acc} |")
+            print(lines[-1], flush=True)
+    best = {name: min(values) for name, values in times.items()}
+    lines += [
+        "",
+        f"Best of {args.repeats}: " + ", ".join(f"{k} {v:.2f} s" for k, v in best.items()) + ".",
+        f"Speed-up over Avalanche: default {best['avalanche'] / best['clbench (default, W&B offline)']:.2f}x, "
+        f"logger=none {best['avalanche'] / best['clbench logger=none']:.2f}x.",
+        "",
+    ]
+    return lines
+
+
+# -------------------------------------------------------------------------------------------------
+# bare PyTorch loop, in process
+# -------------------------------------------------------------------------------------------------
+
+
+def bare_loop(seed: int, device: str) -> dict[str, float]:
+    """A hand-written loop: each task's inputs prepared once, then per epoch a shuffle from a generator
+    seeded as clbench's and contiguous batches; R filled after every task with big no-grad batches."""
+    import torch
+    import torch.nn.functional as F
+
+    from clbench.models import MLP
+
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "clbench_bench_bare.pt"
+    export_tensors(work, seed)
+    tasks = [{k: v.to(device) for k, v in t.items()} for t in torch.load(work)]
+    torch.manual_seed(seed)
+    model = MLP([1, 28, 28], [10], hidden=[100, 100]).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def evaluate() -> list[float]:
+        model.eval()
+        with torch.inference_mode():
+            row = [(model(t["x_test"]).argmax(1) == t["y_test"]).float().mean() * 100 for t in tasks]
+        model.train()
+        return torch.stack(row).tolist()
+
+    fit = evaluation = 0.0
+    tick = time.perf_counter()
+    evaluate()
+    evaluation += time.perf_counter() - tick
+    for t in tasks:
+        tick = time.perf_counter()
+        x, y = t["x_train"], t["y_train"]
+        for _ in range(EPOCHS):
+            order = torch.randperm(len(x), device=device, generator=generator)
+            xs, ys = x[order], y[order]
+            for start in range(0, len(x), BATCH):
+                loss = F.cross_entropy(model(xs[start : start + BATCH]), ys[start : start + BATCH])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        fit += time.perf_counter() - tick
+        tick = time.perf_counter()
+        row = evaluate()
+        evaluation += time.perf_counter() - tick
+    return {"fit_s": fit, "eval_s": evaluation, "acc": sum(row) / len(row)}
+
+
+def clbench_in_process(seed: int, device: str, work: Path, extra: list[str] = ()) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from clbench.__main__ import CONFIG_DIR
+    from clbench.runner import run
+
+    overrides = [
+        *PROTOCOL,
+        f"seed={seed}",
+        f"device={device}",
+        "logger=none",
+        "trainer.progress=false",
+        "verbose=false",
+        "resume=false",
+        f"results_dir={work}",
+        *extra,
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return run(cfg)
+
+
+def bench_overhead(args: argparse.Namespace, work: Path) -> list[str]:
+    lines = [
+        "## Harness overhead: clbench vs a bare PyTorch loop (same 5-task protocol, in one process)",
+        "",
+        "| repeat | bare fit s | clbench fit s | ratio | bare eval s | clbench eval s | bare ACC | clbench ACC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for repeat in range(args.repeats):
+        bare = bare_loop(args.seed, args.device)
+        result = clbench_in_process(args.seed, args.device, work / "overhead")
+        fit, evaluation = sum(result["timings"]["fit_s"]), sum(result["timings"]["eval_s"])
+        ratios.append(fit / bare["fit_s"])
+        lines.append(
+            f"| {repeat} | {bare['fit_s']:.3f} | {fit:.3f} | {ratios[-1]:.3f}x | {bare['eval_s']:.3f} | "
+            f"{evaluation:.3f} | {bare['acc']:.2f} | {result['metrics']['acc']:.2f} |"
+        )
+        print(lines[-1], flush=True)
+    lines += ["", f"Median training-time ratio clbench / bare: {sorted(ratios)[len(ratios) // 2]:.3f}x.", ""]
+    return lines
+
+
+# -------------------------------------------------------------------------------------------------
+# evaluation share at T = 20, and memory
+# -------------------------------------------------------------------------------------------------
+
+
+def bench_eval(args: argparse.Namespace, work: Path) -> list[str]:
+    result = clbench_in_process(args.seed, args.device, work / "eval20", ["stream.num_tasks=20"])
+    timings = result["timings"]
+    fit, evaluation, total = sum(timings["fit_s"]), sum(timings["eval_s"]), timings["total_s"]
+    return [
+        "## Evaluation share, T = 20 (Permuted MNIST-5k, 20 x 21 test passes incl. the random-init row)",
+        "",
+        f"fit {fit:.2f} s, evaluation {evaluation:.2f} s, run total {total:.2f} s: evaluation is "
+        f"**{100 * evaluation / total:.1f} %** of the run (ACC {result['metrics']['acc']:.2f}).",
+        "",
+    ]
+
+
+def memory_child(num_tasks: int, device: str, work: Path) -> None:
+    import torch
+
+    result = clbench_in_process(
+        0, device, work / f"mem{num_tasks}", [f"stream.num_tasks={num_tasks}", "trainer.epochs=1"]
+    )
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0.0
+    print(f"MEMORY {num_tasks} {peak_kib / 1024:.1f} {gpu:.1f} {result['tasks_completed']}")
+
+
+def bench_memory(args: argparse.Namespace, work: Path) -> list[str]:
+    found = {}
+    for num_tasks in (2, 100):
+        _, text = timed(
+            [
+                sys.executable,
+                __file__,
+                "memory-child",
+                "--tasks",
+                str(num_tasks),
+                "--device",
+                args.device,
+                "--work",
+                str(work),
+            ]
+        )
+        match = re.search(r"MEMORY (\d+) ([\d.]+) ([\d.]+) (\d+)", text)
+        assert match is not None, text
+        found[num_tasks] = (float(match.group(2)), float(match.group(3)))
+    rss = found[100][0] / found[2][0]
+    lines = [
+        "## Peak memory, 2 vs 100 permuted tasks (Permuted MNIST-5k, 1 epoch, each in its own process)",
+        "",
+        f"peak RSS: 2 tasks {found[2][0]:.0f} MiB, 100 tasks {found[100][0]:.0f} MiB: **{rss:.2f}x**.",
+    ]
+    if args.device.startswith("cuda"):
+        lines.append(
+            f"peak GPU memory: 2 tasks {found[2][1]:.1f} MiB, 100 tasks {found[100][1]:.1f} MiB "
+            f"({found[100][1] / max(found[2][1], 1e-9):.2f}x)."
+        )
+    return [*lines, ""]
+
+
+BENCHES = {"avalanche": bench_avalanche, "overhead": bench_overhead, "eval": bench_eval, "memory": bench_memory}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=[*BENCHES, "all", "avalanche-child", "memory-child"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--tasks", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/clbench_runner_speed"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.what == "avalanche-child":
+        avalanche_child(args.data, args.seed, args.device)
+        return 0
+    if args.what == "memory-child":
+        memory_child(args.tasks, args.device, args.work)
+        return 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    chosen = list(BENCHES) if args.what == "all" else [args.what]
+    lines = [
+        f"# clbench runner speed ({args.device})",
+        "",
+        f"Machine: {machine(args.device)}.",
+        f"Command: `python benchmarks/runner_speed.py {args.what} --device {args.device} --repeats {args.repeats}`",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+    for name in chosen:
+        lines += BENCHES[name](args, args.work)
+        print("\n".join(lines[-3:]), flush=True)
+    out = args.out or ROOT / "benchmarks" / "results" / f"runner_speed_{args.device.split(':')[0]}.md"
+    if args.what == "all":
+        out.write_text("\n".join(lines))
+        print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
