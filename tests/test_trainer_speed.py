@@ -156,6 +156,7 @@ def test_prepare_compiles_every_model_the_strategy_evaluates(compose_cfg):
     strategy, stream, trainer = build(compose_cfg, PERMUTED, compile="default")
     names = [name for name, _ in strategy.model.named_parameters()]
     trainer.prepare(strategy)
+    torch._dynamo.reset()  # an earlier test's compiled graph could otherwise be reused from the cache
     counters.clear()
     trainer.fit(strategy, [stream.tasks[0]], epochs=1)
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model's forward
