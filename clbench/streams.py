@@ -160,6 +160,20 @@ class Stream:
         return x.float().mul_(scale[task_ids].view(shape)).sub_(shift[task_ids].view(shape))
 
     @cached_property
+    def evaluation_plan(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """All evaluation sets concatenated, for one batched pass per row of R: pool positions, targets, each
+        sample's task id (for its transform), its set's position in the row, and the set sizes (float64).
+        Derived once per stream (and per device, since ``to`` makes a new stream)."""
+        tasks = self.evaluation_tasks
+        device = tasks[0].test_index.device
+        sizes = torch.tensor([int(t.test_index.numel()) for t in tasks], device=device)
+        owners = torch.arange(len(tasks), device=device).repeat_interleave(sizes)
+        task_ids = torch.tensor([t.id for t in tasks], device=device)[owners]
+        index = torch.cat([t.test_index for t in tasks])
+        targets = torch.cat([t.test_targets for t in tasks])
+        return index, targets, task_ids, owners, sizes.double()
+
+    @cached_property
     def affine(self) -> tuple[Tensor, Tensor]:
         """Per task and channel, ``(scale, shift)`` with ``pixel * scale - shift == (pixel / 255 - mean) / std``
         for uint8 pools (``(pixel - mean) / std`` for float pools)."""

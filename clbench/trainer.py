@@ -294,7 +294,9 @@ class Trainer:
                 count += int(chosen.numel())
         return total / max(1, count)
 
-    def _predictions(self, strategy: Strategy, split: str, index: Tensor, task_ids: int | Tensor, given: int | None):
+    def _predictions(
+        self, strategy: Strategy, split: str, index: Tensor, task_ids: int | Tensor, given: int | None
+    ) -> Tensor:
         """Predicted classes for pool positions ``index`` in ``eval_batch_size`` chunks (no grad, autocast)."""
         chunks = []
         for start in range(0, int(index.numel()), self.eval_batch_size):
@@ -332,24 +334,11 @@ class Trainer:
 
     @torch.inference_mode()
     def _batched_row(self, strategy: Strategy, tasks: Sequence[Task]) -> Tensor:
-        index, targets, owners, sizes = self._evaluation_plan(tasks)
-        ids = torch.tensor([t.id for t in tasks], device=index.device)[owners]
-        hits = (self._predictions(strategy, "test", index, ids, None) == targets).double()
+        assert self.stream is not None
+        index, targets, task_ids, owners, sizes = self.stream.evaluation_plan
+        hits = (self._predictions(strategy, "test", index, task_ids, None) == targets).double()
         correct = torch.zeros(len(tasks), dtype=torch.float64, device=index.device).index_add_(0, owners, hits)
         return correct * 100.0 / sizes.clamp(min=1)
-
-    def _evaluation_plan(self, tasks: Sequence[Task]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """All test sets concatenated: pool positions, targets, owning task (row position) and set sizes;
-        built once per stream and kept."""
-        key = tuple(id(t) for t in tasks)
-        if getattr(self, "_plan_key", None) != key:
-            device = tasks[0].test_index.device
-            sizes = torch.tensor([int(t.test_index.numel()) for t in tasks], device=device)
-            owners = torch.arange(len(tasks), device=device).repeat_interleave(sizes)
-            index = torch.cat([t.test_index for t in tasks])
-            targets = torch.cat([t.test_targets for t in tasks])
-            self._plan_key, self._plan = key, (index, targets, owners, sizes.double())
-        return self._plan
 
     @torch.inference_mode()
     def class_accuracy(self, strategy: Strategy, task: Task, num_classes: int, give_task_id: bool) -> list[float]:
