@@ -12,11 +12,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+MAX_ANNOTATED = 25
+"""Up to this many rows every cell carries its value; beyond it the text would be unreadable."""
+MAX_INCHES = 14.0
+"""The figure grows 0.6 inch per task up to this side; a 100-task R would otherwise be a 60-inch, 40-megapixel
+image costing seconds and over a GiB to render (the cells just get smaller)."""
+MAX_TICKS = 25
+"""At most this many labelled ticks per axis (every k-th task beyond it)."""
+
 
 def matrix_figure(matrix: np.ndarray, title: str, cmap: str = "viridis", symmetric: bool = False) -> Figure:
-    """A heatmap with every finite cell annotated; rows are 'after training task i', columns 'task j'."""
+    """A heatmap, every finite cell annotated up to ``MAX_ANNOTATED`` rows; rows are 'after training task i',
+    columns 'task j'."""
     values = np.asarray(matrix, dtype=np.float64)
-    size = max(3.0, 0.6 * values.shape[1] + 1.5)
+    size = min(MAX_INCHES, max(3.0, 0.6 * values.shape[1] + 1.5))
     figure, axes = plt.subplots(figsize=(size, size * 0.85))
     finite = values[np.isfinite(values)]
     if symmetric and finite.size:
@@ -26,7 +35,7 @@ def matrix_figure(matrix: np.ndarray, title: str, cmap: str = "viridis", symmetr
         limits = {"vmin": 0.0, "vmax": 100.0} if not symmetric else {}
     image = axes.imshow(np.ma.masked_invalid(values), cmap=cmap, **limits)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
-    if values.shape[0] <= 25:
+    if values.shape[0] <= MAX_ANNOTATED and values.shape[1] <= MAX_ANNOTATED:
         for (i, j), value in np.ndenumerate(values):
             if np.isfinite(value):
                 axes.text(
@@ -34,8 +43,8 @@ def matrix_figure(matrix: np.ndarray, title: str, cmap: str = "viridis", symmetr
                 )
     axes.set_xlabel("evaluated on task j")
     axes.set_ylabel("after training task i")
-    axes.set_xticks(range(values.shape[1]))
-    axes.set_yticks(range(values.shape[0]))
+    axes.set_xticks(range(0, values.shape[1], -(-values.shape[1] // MAX_TICKS)))
+    axes.set_yticks(range(0, values.shape[0], -(-values.shape[0] // MAX_TICKS)))
     axes.set_title(title)
     figure.tight_layout()
     return figure

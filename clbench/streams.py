@@ -8,10 +8,12 @@ Batches are assembled on the stream's device: gather uint8 -> float -> task tran
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,10 @@ class Task:
     def num_train(self) -> int:
         return int(self.train_index.numel())
 
+    @property
+    def num_test(self) -> int:
+        return int(self.test_index.numel())
+
     def to(self, device: torch.device | str) -> Task:
         return replace(
             self,
@@ -55,6 +61,27 @@ class Task:
                 for name in ("train_index", "train_targets", "test_index", "test_targets", "val_index", "val_targets")
             },
         )
+
+
+class Segment(NamedTuple):
+    """Positions ``[start, stop)`` of a concatenated index that all belong to task ``task_id`` (host ints, so
+    inputs for a run of one task take the single-transform path without reading the device)."""
+
+    start: int
+    stop: int
+    task_id: int
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """Every evaluation set concatenated: pool positions, targets, each sample's set (its position in the
+    row), the set sizes (float64, for the division) and the per-task runs of the concatenation."""
+
+    index: Tensor
+    targets: Tensor
+    owners: Tensor
+    sizes: Tensor
+    segments: tuple[Segment, ...]
 
 
 @dataclass
@@ -160,18 +187,21 @@ class Stream:
         return x.float().mul_(scale[task_ids].view(shape)).sub_(shift[task_ids].view(shape))
 
     @cached_property
-    def evaluation_plan(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """All evaluation sets concatenated, for one batched pass per row of R: pool positions, targets, each
-        sample's task id (for its transform), its set's position in the row, and the set sizes (float64).
-        Derived once per stream (and per device, since ``to`` makes a new stream)."""
+    def evaluation_plan(self) -> EvaluationPlan:
+        """All evaluation sets concatenated, for one batched pass per row of R. Derived once per stream (and
+        per device, since ``to`` makes a new stream)."""
         tasks = self.evaluation_tasks
         device = tasks[0].test_index.device
-        sizes = torch.tensor([int(t.test_index.numel()) for t in tasks], device=device)
-        owners = torch.arange(len(tasks), device=device).repeat_interleave(sizes)
-        task_ids = torch.tensor([t.id for t in tasks], device=device)[owners]
-        index = torch.cat([t.test_index for t in tasks])
-        targets = torch.cat([t.test_targets for t in tasks])
-        return index, targets, task_ids, owners, sizes.double()
+        counts = [int(t.test_index.numel()) for t in tasks]
+        sizes = torch.tensor(counts, device=device)
+        bounds = [0, *itertools.accumulate(counts)]
+        return EvaluationPlan(
+            index=torch.cat([t.test_index for t in tasks]),
+            targets=torch.cat([t.test_targets for t in tasks]),
+            owners=torch.arange(len(tasks), device=device).repeat_interleave(sizes),
+            sizes=sizes.double(),
+            segments=tuple(Segment(bounds[k], bounds[k + 1], t.id) for k, t in enumerate(tasks) if counts[k]),
+        )
 
     @cached_property
     def affine(self) -> tuple[Tensor, Tensor]:

