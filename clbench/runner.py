@@ -24,7 +24,6 @@ from clbench import metrics
 from clbench.l2m import summarize_l2m
 from clbench.loggers.base import Logger, RunInfo
 from clbench.loggers.console import ConsoleLogger
-from clbench.plots import save_curve, save_matrix
 from clbench.results import (
     SCHEMA,
     atomic_torch_save,
@@ -256,6 +255,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
 
     title = f"{strategy.name} on {stream.name}"
+    plots = bool(cfg.get("plots", True))
     if stream.square:
         reference = find_reference_run(Path(str(cfg.results_dir)), stream.name, seed, config["stream"])
         if strategy.name == "independent":
@@ -277,11 +277,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "backward_transfer": metrics.backward_transfer_matrix(acc_matrix),
             "forward_transfer": metrics.forward_transfer_matrix(acc_matrix, random_init_acc),
         }
-        result["paths"]["heatmap"] = str(save_matrix(acc_matrix, f"{title}: R (%)", run_dir / "acc_matrix.png"))
+        if plots:
+            from clbench.plots import save_matrix  # matplotlib: ~0.6 s to import, paid only when drawing
+
+            result["paths"]["heatmap"] = str(save_matrix(acc_matrix, f"{title}: R (%)", run_dir / "acc_matrix.png"))
     else:
         over_time = acc_matrix.mean(axis=1).tolist()
         result["metrics"] = accumulation_summary(over_time)
-        result["paths"]["curve"] = str(save_curve(over_time, f"{title}: full test set", run_dir / "acc_over_time.png"))
+        if plots:
+            from clbench.plots import save_curve
+
+            result["paths"]["curve"] = str(
+                save_curve(over_time, f"{title}: full test set", run_dir / "acc_over_time.png")
+            )
     extra = strategy.extra_results()
     clashing = sorted(set(extra) & set(result))
     if clashing:

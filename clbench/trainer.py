@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clbench.optim import SGD
 from clbench.strategy import Batch, Strategy
 from clbench.streams import Segment, Stream, Task
 
@@ -142,6 +143,13 @@ class Trainer:
             return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay)
         return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
 
+    def _fit_optimizer(self, params: Sequence[torch.nn.Parameter]) -> SGD | torch.optim.Optimizer:
+        """The step loop's optimizer: clbench's lean SGD (same update as ``torch.optim.SGD``) for
+        ``optimizer=sgd``, else the torch one."""
+        if self.optimizer == "sgd":
+            return SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return self.make_optimizer(params)
+
     def fit(
         self,
         strategy: Strategy,
@@ -171,7 +179,7 @@ class Trainer:
                 "trainer.lr_patience / trainer.restore_best need a validation split: set stream.val_fraction > 0"
             )
         trained = list(strategy.parameters(current) if params is None else params)
-        optimizer = self.make_optimizer(trained)
+        optimizer = self._fit_optimizer(trained)
         lr, patience, best_loss = self.lr, self.lr_patience, math.inf
         best_state: list[Tensor] | None = None
         val_losses: list[float] = []

@@ -29,6 +29,15 @@ def test_result_file_is_self_describing(run_tiny, tmp_path):
     assert saved["metrics"]["acc"] == pytest.approx(np.mean(saved["acc_matrix"][-1]))
 
 
+def test_plots_false_writes_no_figure_and_keeps_the_run_id(run_tiny, tmp_path):
+    drawn = run_tiny(["stream=split_digits"], tmp_path / "a")
+    bare = run_tiny(["stream=split_digits", "plots=false"], tmp_path / "b")
+    assert bare["run_id"] == drawn["run_id"]  # a cosmetic switch is not part of the experiment's identity
+    folder = Path(bare["paths"]["result"]).parent
+    assert "heatmap" not in bare["paths"] and not list(folder.glob("*.png"))
+    assert bare["acc_matrix"] == drawn["acc_matrix"] and bare["metrics"] == drawn["metrics"]
+
+
 def test_finetune_forgets_on_permuted_mnist5k(run_tiny):
     result = run_tiny(["strategy=finetune", "trainer.epochs=3"])
     assert result["metrics"]["bwt"] < -1.0

@@ -31,10 +31,10 @@ def scripted(trainer: Trainer, strategy, values: list[float]) -> tuple[list[floa
     """Make ``validation_loss`` return ``values`` in turn; record the lr and parameters at each call."""
     lrs: list[float] = []
     snapshots: list[list[torch.Tensor]] = []
-    made = trainer.make_optimizer
+    made = trainer._fit_optimizer
 
-    def make_optimizer(params, lr=None):
-        trainer.optimizer_made = made(params, lr)
+    def fit_optimizer(params):
+        trainer.optimizer_made = made(params)
         return trainer.optimizer_made
 
     def validation_loss(_strategy, _tasks):
@@ -42,7 +42,7 @@ def scripted(trainer: Trainer, strategy, values: list[float]) -> tuple[list[floa
         snapshots.append([p.detach().clone() for p in strategy.model.parameters()])
         return torch.tensor(values[len(lrs) - 1])
 
-    trainer.make_optimizer = make_optimizer
+    trainer._fit_optimizer = fit_optimizer
     trainer.validation_loss = validation_loss
     return lrs, snapshots
 

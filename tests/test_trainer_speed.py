@@ -184,3 +184,26 @@ def test_prepare_compiles_every_model_the_strategy_evaluates(compose_cfg):
     trainer.fit(strategy, [stream.tasks[0]], epochs=1)
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model's forward
     assert [name for name, _ in strategy.model.named_parameters()] == names  # compiled in place
+
+
+def test_a_plain_sgd_run_never_imports_dynamo(tmp_path):
+    """Constructing a torch.optim optimizer imports torch._dynamo (~1 s of a short run's start-up); the
+    trainer's own SGD must keep a default run free of it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from clbench.__main__ import CONFIG_DIR\n"
+        "from clbench.runner import run\n"
+        "with initialize_config_dir(config_dir=CONFIG_DIR, version_base='1.3'):\n"
+        "    cfg = compose(config_name='config', overrides=['stream=permuted_mnist5k', 'stream.num_tasks=2',\n"
+        "        'stream.train_per_task=200', 'model=mlp', 'logger=none', 'verbose=false', 'trainer.progress=false',\n"
+        f"        'trainer.epochs=1', 'results_dir={tmp_path}'])\n"
+        "run(cfg)\n"
+        "print('DYNAMO', any(name.startswith('torch._dynamo') for name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "DYNAMO False" in done.stdout

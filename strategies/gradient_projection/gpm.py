@@ -95,8 +95,8 @@ class GPM(Strategy):
         """Forward hook in training steps: keep the layer's input X and, on backward, its output gradient
         delta, whose product delta^T X is the weight gradient; projecting X (N rows) instead of the
         gradient (``out`` rows) is much cheaper at small batch (PMNIST: batch 10, 100 outputs)."""
-        if not (module.training and torch.is_grad_enabled() and output.requires_grad):
-            return
+        if self.projectors[i] is None or not (module.training and torch.is_grad_enabled() and output.requires_grad):
+            return  # nothing to project (first task, empty basis) or not a training step
         if i in self.step_inputs:
             # called twice before one backward: delta^T X no longer is the gradient, use the formed one
             self.step_inputs[i] = None

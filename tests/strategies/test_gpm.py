@@ -76,6 +76,21 @@ def test_projected_gradient_is_orthogonal_to_the_stored_bases(build, bias, batch
         assert (grad - raw).abs().max() > 0  # the projection did something
 
 
+def test_layers_without_a_basis_capture_nothing_in_the_training_step(build):
+    """On the first task there is nothing to project: the step must not pay for input capture or tensor
+    hooks; a layer that has a basis still captures its factors."""
+    strategy, stream, _ = build("gpm", bias=False)
+    task = stream.tasks[0]
+    x = stream.inputs("train", task.train_index[:4], task.id)
+    strategy.model.train()
+    strategy.forward(x, task.id).sum().backward()
+    assert strategy.step_inputs == {} and strategy.step_out_grads == {}
+    strategy.bases[0] = torch.linalg.qr(torch.randn(strategy.layers[0].dim, 3))[0]
+    strategy.refresh_projectors()
+    strategy.forward(x, task.id).sum().backward()
+    assert set(strategy.step_inputs) == {0} and set(strategy.step_out_grads) == {0}
+
+
 def test_batchnorm_must_not_track_running_statistics(build):
     class WithBN(MLP):
         def __init__(self, *args, **kwargs):
