@@ -75,9 +75,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def _experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a config that change results (not paths, loggers or progress bars)."""
+    """The parts of a config that change results (not paths, loggers, progress bars or speed-only switches)."""
     stream = without_paths(config.get("stream", {}))
-    evaluation_only = ("progress", "eval_batch_size", "batched_eval")
+    evaluation_only = ("progress", "eval_batch_size", "batched_eval", "prefetch_mb")
     trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in evaluation_only}
     keys = ("model", "strategy", "seed", "deterministic")
     return {"stream": stream, "trainer": trainer, **{k: config.get(k) for k in keys}}
@@ -158,13 +158,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         first_task = checkpoint["next_task"]
         acc_matrix[:first_task] = np.asarray(checkpoint["acc_matrix"])[:first_task]
         random_init_acc = np.asarray(checkpoint["random_init_acc"])
+        random_init_eval_s = checkpoint.get("random_init_eval_s", 0.0)
         fit_seconds, eval_seconds = checkpoint["fit_seconds"], checkpoint["eval_seconds"]
         learning_curves = checkpoint["learning_curves"]
         accuracy_curves = checkpoint.get("accuracy_curves", [])
         class_acc = checkpoint.get("class_acc", [])
         print(f"clbench: resuming {run_dir} after task {first_task - 1}")
     else:
+        tick = time.perf_counter()
         random_init_acc = np.asarray(trainer.evaluate(strategy, give_task_id))
+        random_init_eval_s = time.perf_counter() - tick
 
     group = f"{stream.name}/{context.sweep_dir.name}" if context.sweep_dir is not None else stream.name
     info = RunInfo(
@@ -202,7 +205,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             acc_matrix=acc_matrix[:done].tolist(),
             random_init_acc=random_init_acc.tolist(),
             tasks_completed=done,
-            timings={"fit_s": fit_seconds, "eval_s": eval_seconds, "total_s": time.perf_counter() - started},
+            timings={
+                "fit_s": fit_seconds,
+                "eval_s": eval_seconds,
+                "random_init_eval_s": random_init_eval_s,
+                "total_s": time.perf_counter() - started,
+            },
             learning_curves=learning_curves,
             train_acc_curves=accuracy_curves,
         )
@@ -238,6 +246,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "rng": _rng_state(trainer),
                     "acc_matrix": acc_matrix,
                     "random_init_acc": random_init_acc,
+                    "random_init_eval_s": random_init_eval_s,
                     "fit_seconds": fit_seconds,
                     "eval_seconds": eval_seconds,
                     "learning_curves": learning_curves,

@@ -48,7 +48,8 @@ class Trainer:
     ``compile`` compiles every model the strategy trains with ``torch.compile`` in that mode
     (``reduce-overhead`` records CUDA graphs on a GPU, which pays for tiny-batch protocols). Evaluation
     fills a row of R with one pass over all tasks' test sets in ``eval_batch_size`` chunks where the task
-    identity is not given to the model (``batched_eval``).
+    identity is not given to the model (``batched_eval``). Training inputs are transformed for
+    ``prefetch_mb`` of batches at a time (the same batches; 0: batch by batch).
     """
 
     epochs: int = 1
@@ -71,6 +72,7 @@ class Trainer:
     channels_last: bool = False
     compile: str | None = None
     batched_eval: bool = True
+    prefetch_mb: float = 16.0
     epoch_losses: list[list[float]] = field(default_factory=list)
     epoch_accuracies: list[list[float]] = field(default_factory=list)
     val_losses: list[list[float]] = field(default_factory=list)
@@ -94,6 +96,8 @@ class Trainer:
                 raise ValueError(
                     f"unknown trainer.{key} {getattr(self, key)!r}: use null or one of {', '.join(AMP_DTYPES)}"
                 )
+        if self.prefetch_mb < 0:
+            raise ValueError(f"trainer.prefetch_mb must be >= 0 (0: inputs batch by batch), got {self.prefetch_mb}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"unknown trainer.compile {self.compile!r}: use null or one of {', '.join(COMPILE_MODES)}")
 
@@ -142,6 +146,14 @@ class Trainer:
         if self.optimizer == "adam":
             return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay)
         return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+
+    def prefetch_steps(self) -> int:
+        """How many steps' inputs one transform prepares: as many batches as fit in ``prefetch_mb`` of fp32
+        inputs (at least one). A transform costs a handful of kernels whatever its size, so at small batch
+        sizes preparing a block at once removes most of the per-step input cost; the batches are the same."""
+        assert self.stream is not None
+        sample_bytes = 4 * math.prod(self.stream.input_shape)
+        return max(1, int(self.prefetch_mb * 2**20) // (sample_bytes * self.batch_size))
 
     def _fit_optimizer(self, params: Sequence[torch.nn.Parameter]) -> SGD | torch.optim.Optimizer:
         """The step loop's optimizer: clbench's lean SGD (same update as ``torch.optim.SGD``) for
@@ -197,6 +209,7 @@ class Trainer:
             unit="step",
             mininterval=0.5,
         )
+        block_steps = self.prefetch_steps()
         for epoch in range(epochs):
             # one gather per epoch; every step then takes contiguous slices (views, no index kernels)
             order = torch.randperm(num_samples, device=index.device, generator=self.generator)
@@ -208,7 +221,12 @@ class Trainer:
                 chosen = slice(step * self.batch_size, (step + 1) * self.batch_size)
                 batch_ids = epoch_ids if isinstance(epoch_ids, int) else epoch_ids[chosen]
                 batch_index = epoch_index[chosen]
-                x = self.model_inputs("train", batch_index, batch_ids)
+                if step % block_steps == 0:  # inputs for the next block of steps in one transform
+                    block_start = step * self.batch_size
+                    block = slice(block_start, block_start + block_steps * self.batch_size)
+                    block_ids = epoch_ids if isinstance(epoch_ids, int) else epoch_ids[block]
+                    block_x = self.model_inputs("train", epoch_index[block], block_ids)
+                x = block_x[chosen.start - block_start : chosen.stop - block_start]
                 batch = Batch(x, epoch_targets[chosen], batch_ids, batch_index)
                 with self.autocast():
                     output = strategy.forward(batch.x, batch.task_ids)

@@ -23,6 +23,9 @@ def test_result_file_is_self_describing(run_tiny, tmp_path):
     assert saved["config"]["stream"]["name"] == "split_digits"
     assert saved["config"]["trainer"]["epochs"] == 1
     assert len(saved["timings"]["fit_s"]) == 5 and saved["versions"]["torch"]
+    timings = saved["timings"]
+    assert timings["random_init_eval_s"] > 0  # the random-init row is evaluation time too, reported apart
+    assert sum(timings["fit_s"]) + sum(timings["eval_s"]) + timings["random_init_eval_s"] < timings["total_s"]
     assert len(saved["learning_curves"]) == 5 and len(saved["learning_curves"][0][0]) == 1
     assert (path.parent / "acc_matrix.png").stat().st_size > 0
     assert (path.parent / "checkpoint.pt").exists()

@@ -207,3 +207,21 @@ def test_a_plain_sgd_run_never_imports_dynamo(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "DYNAMO False" in done.stdout
+
+
+@pytest.mark.parametrize("prefetch_mb", [0.0, 0.3, 16.0])
+def test_prefetched_inputs_train_exactly_as_batch_by_batch(compose_cfg, prefetch_mb):
+    """Blocks of prepared inputs (0.3 MB: 3 batches of 32 per block, 300 samples: a ragged last block) give
+    the parameters that preparing every batch on its own gives, bit for bit."""
+    reference, stream, trainer = build(compose_cfg, PERMUTED, prefetch_mb=0.0)
+    trainer.fit(reference, [stream.tasks[1]])
+    strategy, stream, trainer = build(compose_cfg, PERMUTED, prefetch_mb=prefetch_mb)
+    assert trainer.prefetch_steps() == {0.0: 1, 0.3: 3, 16.0: 167}[prefetch_mb]
+    trainer.fit(strategy, [stream.tasks[1]])
+    for ours, theirs in zip(strategy.model.parameters(), reference.model.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_negative_prefetch_is_rejected():
+    with pytest.raises(ValueError, match="prefetch_mb must be >= 0"):
+        Trainer(prefetch_mb=-1)
