@@ -191,7 +191,9 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
         "# clbench vs GPM's official main_pmnist.py (permuted Fashion-MNIST, GPM protocol)",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads, no GPU. Epochs per task: {args.epochs}.",
+        f"{torch.__version__}, no GPU. Epochs per task: {args.epochs}. The official script runs with torch's default "
+        f"{torch.get_num_threads()} threads; clbench's preset `experiment=gpm_pfmnist` sets `cpu_threads=1` (its "
+        "batch-10 steps run faster on one thread).",
         f"Command: `python benchmarks/gpm_official_speed.py --gpm-repo <GPM checkout> --seeds "
         f"{' '.join(str(r['seed']) for r in rows)} --epochs {args.epochs}`",
         "",

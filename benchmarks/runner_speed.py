@@ -5,12 +5,14 @@ Four measurements, each side by side in one invocation on the same machine (the 
 ``avalanche``  whole process, imports included: ``python -m clbench`` vs an Avalanche 0.6 script (Naive
                strategy, the standard ``train(experience)`` / ``eval(test_stream)`` loop) on the same
                5-task Permuted MNIST-5k tensors, MLP 784-100-100-10, SGD lr 0.1, batch 64, 5 epochs;
-               both fill the same R (random-init row included). clbench runs twice: with its default
-               W&B (offline) logger and with ``logger=none``.
+               both fill the same R (random-init row included). clbench runs three ways: its default (W&B
+               offline logger, heatmap PNG), ``logger=none``, and ``logger=none plots=false`` (writes only
+               result.json and its checkpoint, as the Avalanche script writes nothing).
 ``overhead``   in one process: clbench's training time (``timings.fit_s``) vs a hand-written PyTorch loop
                doing the same steps (same per-epoch shuffles from the same generator, same batches, same
                model and initialisation) and the same evaluation of R.
-``eval``       the share of a run's time spent filling R for T = 20 tasks.
+``eval``       the share of a run's time spent filling R for T = 20 tasks (random-init row included), in
+               fp32 and with ``trainer.eval_amp=bf16``.
 ``memory``     peak resident memory of a run on 2 vs 100 permuted tasks (each in its own process).
 
     python benchmarks/runner_speed.py all                 # CPU, ~3 min on 2 cores
@@ -149,12 +151,16 @@ def bench_avalanche(args: argparse.Namespace, work: Path) -> list[str]:
         "| run | repeat | wall s | final ACC (%) |",
         "|---|---|---|---|",
     ]
-    times: dict[str, list[float]] = {"clbench (default, W&B offline)": [], "clbench logger=none": [], "avalanche": []}
+    variants = {
+        "clbench (default, W&B offline)": [f"results_dir={work / 'r_wandb'}"],
+        "clbench logger=none": ["logger=none", f"results_dir={work / 'r_none'}"],
+        "clbench logger=none plots=false": ["logger=none", "plots=false", f"results_dir={work / 'r_bare'}"],
+    }
+    times: dict[str, list[float]] = {name: [] for name in [*variants, "avalanche"]}
     env = dict(os.environ, WANDB_SILENT="true")
     for repeat in range(args.repeats):
         runs = {
-            "clbench (default, W&B offline)": [*common, f"results_dir={work / 'r_wandb'}"],
-            "clbench logger=none": [*common, "logger=none", f"results_dir={work / 'r_none'}"],
+            **{name: [*common, *extra] for name, extra in variants.items()},
             "avalanche": [
                 sys.executable,
                 __file__,
@@ -178,8 +184,9 @@ def bench_avalanche(args: argparse.Namespace, work: Path) -> list[str]:
     lines += [
         "",
         f"Best of {args.repeats}: " + ", ".join(f"{k} {v:.2f} s" for k, v in best.items()) + ".",
-        f"Speed-up over Avalanche: default {best['avalanche'] / best['clbench (default, W&B offline)']:.2f}x, "
-        f"logger=none {best['avalanche'] / best['clbench logger=none']:.2f}x.",
+        "Speed-up over Avalanche (best of each): "
+        + ", ".join(f"{name} **{best['avalanche'] / best[name]:.2f}x**" for name in variants)
+        + ".",
         "",
     ]
     return lines
@@ -287,16 +294,29 @@ def bench_overhead(args: argparse.Namespace, work: Path) -> list[str]:
 
 
 def bench_eval(args: argparse.Namespace, work: Path) -> list[str]:
-    result = clbench_in_process(args.seed, args.device, work / "eval20", ["stream.num_tasks=20"])
-    timings = result["timings"]
-    fit, evaluation, total = sum(timings["fit_s"]), sum(timings["eval_s"]), timings["total_s"]
-    return [
-        "## Evaluation share, T = 20 (Permuted MNIST-5k, 20 x 21 test passes incl. the random-init row)",
+    lines = [
+        "## Evaluation share, T = 20 (Permuted MNIST-5k, 21 rows x 20 test sets incl. the random-init row)",
         "",
-        f"fit {fit:.2f} s, evaluation {evaluation:.2f} s, run total {total:.2f} s: evaluation is "
-        f"**{100 * evaluation / total:.1f} %** of the run (ACC {result['metrics']['acc']:.2f}).",
-        "",
+        "| evaluation precision | repeat | fit s | evaluation s | run total s | evaluation share | ACC |",
+        "|---|---|---|---|---|---|---|",
     ]
+    medians = []
+    for label, extra in (("fp32 (default)", []), ("bf16 autocast (trainer.eval_amp=bf16)", ["trainer.eval_amp=bf16"])):
+        shares = []
+        for repeat in range(args.repeats):
+            result = clbench_in_process(args.seed, args.device, work / "eval20", ["stream.num_tasks=20", *extra])
+            timings = result["timings"]
+            fit = sum(timings["fit_s"])
+            evaluation = sum(timings["eval_s"]) + timings["random_init_eval_s"]
+            total = timings["total_s"]
+            shares.append(100 * evaluation / total)
+            lines.append(
+                f"| {label} | {repeat} | {fit:.2f} | {evaluation:.2f} | {total:.2f} | {shares[-1]:.1f} % | "
+                f"{result['metrics']['acc']:.2f} |"
+            )
+            print(lines[-1], flush=True)
+        medians.append(f"{label} **{sorted(shares)[len(shares) // 2]:.1f} %**")
+    return [*lines, "", f"Median evaluation share of {args.repeats}: " + ", ".join(medians) + ".", ""]
 
 
 def memory_child(num_tasks: int, device: str, work: Path) -> None:
