@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from clbench.loggers.base import Logger, RunInfo
-from clbench.plots import matrix_figure
 
 MODES = ("offline", "online", "disabled")
 
@@ -28,8 +27,12 @@ def matrix_table(matrix: np.ndarray, task_names: Sequence[str], row_label: str =
 
 
 class WandbLogger(Logger):
-    """Per task: the accuracy matrix so far (table + heatmap) and the mean accuracy on seen tasks.
-    At the end: summary metrics, the final matrices, and forgetting / transfer matrices."""
+    """Per task: the accuracy matrix so far (a table; a heatmap too with ``heatmaps_every_task``) and the mean
+    accuracy on seen tasks. At the end: summary metrics, the final matrices and the forgetting / transfer
+    matrices, each as a table and a heatmap.
+
+    Drawing a heatmap costs matplotlib ~0.2 s, so one per task was most of a short run's logging time (and
+    grows with T); the per-task table holds the same numbers."""
 
     def __init__(
         self,
@@ -38,10 +41,12 @@ class WandbLogger(Logger):
         entity: str | None = None,
         group: str | None = None,  # None: the sweep (or, for one run, the stream)
         tags: Sequence[str] = (),
+        heatmaps_every_task: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown logger.mode {mode!r}: use one of {', '.join(MODES)}")
         self.mode, self.project, self.entity, self.group, self.tags = mode, project, entity, group, list(tags)
+        self.heatmaps_every_task = heatmaps_every_task
         self.run = None
         self.task_names: list[str] = []
 
@@ -62,13 +67,19 @@ class WandbLogger(Logger):
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
         )
 
-    def _log_matrix(self, key: str, matrix: np.ndarray, step: int, symmetric: bool = False) -> dict[str, Any]:
-        import matplotlib.pyplot as plt
-        import wandb
+    def _log_matrix(
+        self, key: str, matrix: np.ndarray, symmetric: bool = False, heatmap: bool = True
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {f"{key}/table": matrix_table(matrix, self.task_names)}
+        if heatmap:
+            import matplotlib.pyplot as plt
+            import wandb
 
-        figure = matrix_figure(matrix, key, cmap="RdBu" if symmetric else "viridis", symmetric=symmetric)
-        payload = {f"{key}/table": matrix_table(matrix, self.task_names), f"{key}/heatmap": wandb.Image(figure)}
-        plt.close(figure)
+            from clbench.plots import matrix_figure
+
+            figure = matrix_figure(matrix, key, cmap="RdBu" if symmetric else "viridis", symmetric=symmetric)
+            payload[f"{key}/heatmap"] = wandb.Image(figure)
+            plt.close(figure)
         return payload
 
     def log_task(self, task_id: int, acc_matrix: np.ndarray, random_init_acc: np.ndarray) -> None:
@@ -78,7 +89,7 @@ class WandbLogger(Logger):
         if acc_matrix.shape[0] != acc_matrix.shape[1]:  # long stream: a curve, not a matrix per task
             self.run.log({"acc_eval_set": float(rows[task_id].mean()), "task": task_id}, step=task_id)
             return
-        payload = self._log_matrix("acc_matrix", rows, task_id)
+        payload = self._log_matrix("acc_matrix", rows, heatmap=self.heatmaps_every_task)
         payload["acc_seen"] = float(rows[task_id, : task_id + 1].mean())
         payload["acc_all"] = float(rows[task_id].mean())
         payload["task"] = task_id
@@ -90,9 +101,9 @@ class WandbLogger(Logger):
         payload: dict[str, Any] = {}
         matrix = np.asarray(result["acc_matrix"], dtype=np.float64)
         if matrix.size:
-            payload.update(self._log_matrix("final/acc_matrix", matrix, len(matrix)))
+            payload.update(self._log_matrix("final/acc_matrix", matrix))
         for name, values in result.get("matrices", {}).items():
-            payload.update(self._log_matrix(f"final/{name}", np.asarray(values, dtype=np.float64), len(matrix), True))
+            payload.update(self._log_matrix(f"final/{name}", np.asarray(values, dtype=np.float64), symmetric=True))
         if payload:
             self.run.log(payload, step=max(len(matrix), 1))
         self.run.summary.update({**result.get("metrics", {}), "status": result["status"]})

@@ -22,3 +22,18 @@ def test_offline_run_contains_accuracy_matrix_table(run_tiny, tmp_path):
     heatmaps = list((offline[0] / "files" / "media" / "images").rglob("*.png"))
     assert heatmaps, "no heatmap image was logged"
     assert not list(offline[0].rglob("*histogram*"))
+
+
+def _images(result) -> list[str]:
+    (offline,) = (Path(result["paths"]["run_dir"]) / "wandb").glob("offline-run-*")
+    return sorted(str(p.relative_to(offline)) for p in (offline / "files" / "media" / "images").rglob("*.png"))
+
+
+def test_heatmaps_are_final_by_default_and_per_task_on_request(run_tiny, tmp_path):
+    final_only = _images(run_tiny(["stream=split_digits", "logger=wandb"], tmp_path / "a"))
+    assert final_only and all("final" in name for name in final_only)
+    assert any("final/acc_matrix" in name for name in final_only)
+    overrides = ["stream=split_digits", "logger=wandb", "logger.heatmaps_every_task=true"]
+    every = _images(run_tiny(overrides, tmp_path / "b"))
+    per_task = [name for name in every if "final" not in name]
+    assert len(per_task) == 5  # one heatmap of R after each of the 5 tasks
