@@ -28,7 +28,11 @@ class UnsupportedScenarioError(ValueError):
 
 @dataclass
 class Batch:
-    """One training batch: inputs, scenario targets, task id(s), and pool positions (for per-sample state)."""
+    """One training batch: inputs, scenario targets, task id(s), and pool positions (for per-sample state).
+
+    ``x`` is a row slice (a view) of a block of prepared inputs (``trainer.prefetch_mb``): a strategy that
+    keeps inputs beyond the step (a replay buffer) should store ``x.clone()`` or the pool positions, or the
+    whole block stays alive."""
 
     x: Tensor
     y: Tensor
