@@ -60,6 +60,16 @@ def machine(device: str) -> str:
     return f"{where}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def section(title: str, columns: list[str]) -> list[str]:
+    """A results-file section: its heading and the head of its markdown table."""
+    return [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def median(values: list[float]) -> float:
+    """The middle value (the upper one of an even count), as the tables report it."""
+    return sorted(values)[len(values) // 2]
+
+
 # -------------------------------------------------------------------------------------------------
 # data shared by the three loops: clbench's own stream, exported as plain tensors
 # -------------------------------------------------------------------------------------------------
@@ -145,12 +155,10 @@ def bench_avalanche(args: argparse.Namespace, work: Path) -> list[str]:
     data = work / "pmnist5k.pt"
     export_tensors(data, args.seed)
     common = [sys.executable, "-m", "clbench", *PROTOCOL, f"seed={args.seed}", f"device={args.device}", "resume=false"]
-    lines = [
-        "## clbench vs Avalanche 0.6, whole process (5-task Permuted MNIST-5k, MLP 100-100, SGD, batch 64, 5 epochs)",
-        "",
-        "| run | repeat | wall s | final ACC (%) |",
-        "|---|---|---|---|",
-    ]
+    lines = section(
+        "clbench vs Avalanche 0.6, whole process (5-task Permuted MNIST-5k, MLP 100-100, SGD, batch 64, 5 epochs)",
+        ["run", "repeat", "wall s", "final ACC (%)"],
+    )
     variants = {
         "clbench (default, W&B offline)": [f"results_dir={work / 'r_wandb'}"],
         "clbench logger=none": ["logger=none", f"results_dir={work / 'r_none'}"],
@@ -267,12 +275,10 @@ def clbench_in_process(seed: int, device: str, work: Path, extra: list[str] = ()
 
 
 def bench_overhead(args: argparse.Namespace, work: Path) -> list[str]:
-    lines = [
-        "## Harness overhead: clbench vs a bare PyTorch loop (same 5-task protocol, in one process)",
-        "",
-        "| repeat | bare fit s | clbench fit s | ratio | bare eval s | clbench eval s | bare ACC | clbench ACC |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = section(
+        "Harness overhead: clbench vs a bare PyTorch loop (same 5-task protocol, in one process)",
+        ["repeat", "bare fit s", "clbench fit s", "ratio", "bare eval s", "clbench eval s", "bare ACC", "clbench ACC"],
+    )
     ratios = []
     for repeat in range(args.repeats):
         bare = bare_loop(args.seed, args.device)
@@ -284,7 +290,7 @@ def bench_overhead(args: argparse.Namespace, work: Path) -> list[str]:
             f"{evaluation:.3f} | {bare['acc']:.2f} | {result['metrics']['acc']:.2f} |"
         )
         print(lines[-1], flush=True)
-    lines += ["", f"Median training-time ratio clbench / bare: {sorted(ratios)[len(ratios) // 2]:.3f}x.", ""]
+    lines += ["", f"Median training-time ratio clbench / bare: {median(ratios):.3f}x.", ""]
     return lines
 
 
@@ -294,12 +300,10 @@ def bench_overhead(args: argparse.Namespace, work: Path) -> list[str]:
 
 
 def bench_eval(args: argparse.Namespace, work: Path) -> list[str]:
-    lines = [
-        "## Evaluation share, T = 20 (Permuted MNIST-5k, 21 rows x 20 test sets incl. the random-init row)",
-        "",
-        "| evaluation precision | repeat | fit s | evaluation s | run total s | evaluation share | ACC |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = section(
+        "Evaluation share, T = 20 (Permuted MNIST-5k, 21 rows x 20 test sets incl. the random-init row)",
+        ["evaluation precision", "repeat", "fit s", "evaluation s", "run total s", "evaluation share", "ACC"],
+    )
     medians = []
     for label, extra in (("fp32 (default)", []), ("bf16 autocast (trainer.eval_amp=bf16)", ["trainer.eval_amp=bf16"])):
         shares = []
@@ -315,7 +319,7 @@ def bench_eval(args: argparse.Namespace, work: Path) -> list[str]:
                 f"{result['metrics']['acc']:.2f} |"
             )
             print(lines[-1], flush=True)
-        medians.append(f"{label} **{sorted(shares)[len(shares) // 2]:.1f} %**")
+        medians.append(f"{label} **{median(shares):.1f} %**")
     return [*lines, "", f"Median evaluation share of {args.repeats}: " + ", ".join(medians) + ".", ""]
 
 

@@ -77,8 +77,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def _experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a config that change results (not paths, loggers, progress bars or speed-only switches)."""
     stream = without_paths(config.get("stream", {}))
-    evaluation_only = ("progress", "eval_batch_size", "batched_eval", "prefetch_mb")
-    trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in evaluation_only}
+    result_neutral = ("progress", "eval_batch_size", "batched_eval", "prefetch_mb")
+    trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in result_neutral}
     keys = ("model", "strategy", "seed", "deterministic")
     return {"stream": stream, "trainer": trainer, **{k: config.get(k) for k in keys}}
 

