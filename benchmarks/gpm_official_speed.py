@@ -125,6 +125,10 @@ def main() -> int:
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "results" / "gpm_official_speed.md")
     parser.add_argument("--official-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=("both", "clbench", "official"), default="both")
+    parser.add_argument(
+        "--device", default="cpu", help="clbench's device (cpu | cuda); the official script takes cuda:0 when it exists"
+    )
+    parser.add_argument("overrides", nargs="*", help="extra clbench overrides, e.g. trainer.cuda_graphs=true")
     args = parser.parse_args()
     if args.official_child:
         run_official_child(args.gpm_repo.resolve(), args.seeds[0], args.epochs)
@@ -149,10 +153,11 @@ def main() -> int:
                 f"seed={seed}",
                 "logger=none",
                 "trainer.progress=false",
-                "device=cpu",
+                f"device={args.device}",
                 f"trainer.epochs={args.epochs}",
                 f"results_dir={args.log_dir / 'results'}",
                 "resume=false",
+                *args.overrides,
             ]
             seconds, text, code = timed(command, args.log_dir / f"clbench_seed{seed}.log")
             if code != 0:
@@ -187,15 +192,19 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
 
     import torch
 
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    official_device = "the GPU (cuda:0)" if torch.cuda.is_available() else "the CPU"
     lines = [
         "# clbench vs GPM's official main_pmnist.py (permuted Fashion-MNIST, GPM protocol)",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
-        f"{torch.__version__}, no GPU. Epochs per task: {args.epochs}. The official script runs with torch's default "
+        f"{torch.__version__}, {gpu}. clbench on `device={args.device}`, the official script on {official_device}. "
+        f"Epochs per task: {args.epochs}. The official script runs with torch's default "
         f"{torch.get_num_threads()} threads; clbench's preset `experiment=gpm_pfmnist` sets `cpu_threads=1` (its "
         "batch-10 steps run faster on one thread).",
         f"Command: `python benchmarks/gpm_official_speed.py --gpm-repo <GPM checkout> --seeds "
-        f"{' '.join(str(r['seed']) for r in rows)} --epochs {args.epochs}`",
+        f"{' '.join(str(r['seed']) for r in rows)} --epochs {args.epochs} --device {args.device}"
+        f"{''.join(' ' + o for o in args.overrides)}`",
         "",
         "| seed | clbench s | official s | speed-up | clbench ACC / BWT | official ACC / BWT |",
         "|---|---|---|---|---|---|",

@@ -45,13 +45,17 @@ class Strategy:
 
     Class attributes a subclass sets:
     ``name`` (used in result paths and tables), ``scenarios`` (those it supports; a mismatch is an error
-    before training), and ``uses_task_oracle`` (True for references that read the task id at test time
-    even where the scenario hides it, e.g. one model per task; the result file records it).
+    before training), ``uses_task_oracle`` (True for references that read the task id at test time
+    even where the scenario hides it, e.g. one model per task; the result file records it), and
+    ``graph_safe`` (True where ``forward``, ``loss``, ``after_backward`` and ``after_step`` read nothing
+    back to the host and take the same Python path on every step of a task, so ``trainer.cuda_graphs``
+    may record the step once and replay it; only the class's own declaration counts, not a parent's).
     """
 
     name: ClassVar[str] = "finetune"
     scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
     uses_task_oracle: ClassVar[bool] = False
+    graph_safe: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.model: ContinualModel | None = None

@@ -11,12 +11,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clbench.graphs import GraphedStep, check_graph_safe
 from clbench.optim import SGD
 from clbench.strategy import Batch, Strategy
 from clbench.streams import Segment, Stream, Task
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 AMP_DTYPES = {"bf16": torch.bfloat16}
+FitOptimizer = SGD | torch.optim.Optimizer
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -73,9 +75,12 @@ class Trainer:
     compile: str | None = None
     batched_eval: bool = True
     prefetch_mb: float = 16.0
+    cuda_graphs: bool = False
+    graph_warmup_steps: int = 3
     epoch_losses: list[list[float]] = field(default_factory=list)
     epoch_accuracies: list[list[float]] = field(default_factory=list)
     val_losses: list[list[float]] = field(default_factory=list)
+    graph_replays: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -98,6 +103,8 @@ class Trainer:
                 )
         if self.prefetch_mb < 0:
             raise ValueError(f"trainer.prefetch_mb must be >= 0 (0: inputs batch by batch), got {self.prefetch_mb}")
+        if self.graph_warmup_steps < 1:
+            raise ValueError(f"trainer.graph_warmup_steps must be >= 1, got {self.graph_warmup_steps}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"unknown trainer.compile {self.compile!r}: use null or one of {', '.join(COMPILE_MODES)}")
 
@@ -127,7 +134,8 @@ class Trainer:
         if amp is None:
             return contextlib.nullcontext()
         assert self.stream is not None
-        return torch.autocast(self.stream.device.type, dtype=AMP_DTYPES[amp])
+        # a recorded step must not keep autocast's cast-weight cache (it would outlive the capture)
+        return torch.autocast(self.stream.device.type, dtype=AMP_DTYPES[amp], cache_enabled=not self.cuda_graphs)
 
     def model_inputs(self, split: str, index: Tensor, task_ids: int | Tensor) -> Tensor:
         """``stream.inputs`` in the memory format the trainer was asked for."""
@@ -139,13 +147,15 @@ class Trainer:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def make_optimizer(self, params: Sequence[torch.nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
+    def make_optimizer(
+        self, params: Sequence[torch.nn.Parameter], lr: float | None = None, capturable: bool = False
+    ) -> torch.optim.Optimizer:
         lr = self.lr if lr is None else lr
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
         if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+            return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay, capturable=capturable)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay, capturable=capturable)
 
     def prefetch_steps(self) -> int:
         """How many steps' inputs one transform prepares: as many batches as fit in ``prefetch_mb`` of fp32
@@ -155,12 +165,13 @@ class Trainer:
         sample_bytes = 4 * math.prod(self.stream.input_shape)
         return max(1, int(self.prefetch_mb * 2**20) // (sample_bytes * self.batch_size))
 
-    def _fit_optimizer(self, params: Sequence[torch.nn.Parameter]) -> SGD | torch.optim.Optimizer:
+    def _fit_optimizer(self, params: Sequence[torch.nn.Parameter]) -> FitOptimizer:
         """The step loop's optimizer: clbench's lean SGD (same update as ``torch.optim.SGD``) for
-        ``optimizer=sgd``, else the torch one."""
+        ``optimizer=sgd``, else the torch one (its capturable variant when steps are recorded as CUDA
+        graphs: its step count then stays on the device)."""
         if self.optimizer == "sgd":
             return SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        return self.make_optimizer(params)
+        return self.make_optimizer(params, capturable=self.cuda_graphs)
 
     def fit(
         self,
@@ -210,6 +221,14 @@ class Trainer:
             mininterval=0.5,
         )
         block_steps = self.prefetch_steps()
+
+        def step_fn(batch: Batch) -> tuple[Tensor, Tensor]:
+            return self._train_step(strategy, batch, current, absent, optimizer)
+
+        graphed = None
+        if self.cuda_graphs:
+            check_graph_safe(strategy, stream.device)
+            graphed = GraphedStep(step_fn, lambda: optimizer.zero_grad(set_to_none=True), self.graph_warmup_steps)
         for epoch in range(epochs):
             # one gather per epoch; every step then takes contiguous slices (views, no index kernels)
             order = torch.randperm(num_samples, device=index.device, generator=self.generator)
@@ -228,18 +247,12 @@ class Trainer:
                     block_x = self.model_inputs("train", epoch_index[block], block_ids)
                 x = block_x[chosen.start - block_start : chosen.stop - block_start]
                 batch = Batch(x, epoch_targets[chosen], batch_ids, batch_index)
-                with self.autocast():
-                    output = strategy.forward(batch.x, batch.task_ids)
-                    if absent is not None:
-                        output = output.masked_fill(absent, torch.finfo(output.dtype).min)
-                    loss = strategy.loss(output, batch.y, batch, current)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                strategy.after_backward(current)
-                optimizer.step()
-                strategy.after_step(current)
-                step_losses[step] = loss.detach()
-                predictions[chosen] = output.detach().argmax(dim=1)
+                if graphed is None:
+                    loss, predicted = step_fn(batch)
+                else:
+                    loss, predicted = graphed(batch, key=optimizer.param_groups[0]["lr"])
+                step_losses[step] = loss
+                predictions[chosen] = predicted
                 bar.update(1)
                 if (step + 1) % check_every == 0 or step + 1 == steps:
                     self._check_finite(step_losses[: step + 1], current, epoch, bar)
@@ -268,6 +281,9 @@ class Trainer:
                     for group in optimizer.param_groups:
                         group["lr"] = lr
         bar.close()
+        if graphed is not None:
+            graphed.release()
+            self.graph_replays.append(graphed.replays)
         if best_state is not None:
             with torch.no_grad():
                 for param, best in zip(trained, best_state, strict=True):
@@ -276,6 +292,23 @@ class Trainer:
         self.epoch_accuracies.append(accuracies)
         self.val_losses.append(val_losses)
         return losses
+
+    def _train_step(
+        self, strategy: Strategy, batch: Batch, task: Task, absent: Tensor | None, optimizer: FitOptimizer
+    ) -> tuple[Tensor, Tensor]:
+        """One optimizer step on ``batch``; returns the detached loss and the predicted classes. Free of
+        host reads, so that ``trainer.cuda_graphs`` can record it whole."""
+        with self.autocast():
+            output = strategy.forward(batch.x, batch.task_ids)
+            if absent is not None:
+                output = output.masked_fill(absent, torch.finfo(output.dtype).min)
+            loss = strategy.loss(output, batch.y, batch, task)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        strategy.after_backward(task)
+        optimizer.step()
+        strategy.after_step(task)
+        return loss.detach(), output.detach().argmax(dim=1)
 
     @staticmethod
     def _check_finite(step_losses: Tensor, task: Task, epoch: int, bar: tqdm) -> None:

@@ -20,6 +20,7 @@ class OnlineEWC(QuadraticRegularizer):
     """
 
     name = "ewc_online"
+    graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs
 
     def __init__(self, ewc_lambda: float = 10.0, gamma: float = 1.0, importance_batch_size: int | None = None) -> None:
         super().__init__(ewc_lambda, importance_batch_size)

@@ -9,3 +9,4 @@ class Finetune(Strategy):
     """Plain sequential training (the base class's behaviour), named for configs and tables."""
 
     name = "finetune"
+    graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs

@@ -22,6 +22,7 @@ class MAS(QuadraticRegularizer):
     """
 
     name = "mas"
+    graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs
 
     def __init__(
         self, mas_lambda: float = 1.0, alpha: float | None = None, importance_batch_size: int | None = None

@@ -24,6 +24,7 @@ class SI(QuadraticRegularizer):
     """
 
     name = "si"
+    graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs
 
     def __init__(self, c: float = 0.1, xi: float = 1e-3) -> None:
         super().__init__(c)

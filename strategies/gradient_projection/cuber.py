@@ -72,6 +72,7 @@ class CUBER(TRGP):
     """
 
     name = "cuber"
+    graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs
 
     def __init__(
         self,

@@ -40,6 +40,7 @@ class GPM(Strategy):
     """
 
     name = "gpm"
+    graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs
     scenarios = ("task", "domain")
 
     def __init__(

@@ -45,6 +45,7 @@ class TRGP(GPM):
     """
 
     name = "trgp"
+    graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs
 
     def __init__(
         self,
