@@ -77,10 +77,13 @@ class Trainer:
     prefetch_mb: float = 16.0
     cuda_graphs: bool = False
     graph_warmup_steps: int = 3
+    eval_cache_mb: float = 128.0
     epoch_losses: list[list[float]] = field(default_factory=list)
     epoch_accuracies: list[list[float]] = field(default_factory=list)
     val_losses: list[list[float]] = field(default_factory=list)
     graph_replays: list[int] = field(default_factory=list)
+    _eval_inputs: dict[tuple, Tensor] = field(default_factory=dict, init=False, repr=False)
+    _eval_cache_bytes: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -103,6 +106,8 @@ class Trainer:
                 )
         if self.prefetch_mb < 0:
             raise ValueError(f"trainer.prefetch_mb must be >= 0 (0: inputs batch by batch), got {self.prefetch_mb}")
+        if self.eval_cache_mb < 0:
+            raise ValueError(f"trainer.eval_cache_mb must be >= 0 (0: no cache), got {self.eval_cache_mb}")
         if self.graph_warmup_steps < 1:
             raise ValueError(f"trainer.graph_warmup_steps must be >= 1, got {self.graph_warmup_steps}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
@@ -117,6 +122,8 @@ class Trainer:
         """Bind the device-resident stream and a generator for batch order on its device."""
         self.stream = stream
         self.generator = torch.Generator(device=stream.device).manual_seed(seed)
+        self._eval_inputs.clear()
+        self._eval_cache_bytes = 0
 
     def prepare(self, strategy: Strategy) -> None:
         """Apply ``compile`` to every model the strategy trains and evaluates (once, after ``setup``).
@@ -356,31 +363,53 @@ class Trainer:
         return total / max(1, count)
 
     def _predictions(
-        self, strategy: Strategy, split: str, index: Tensor, segments: Sequence[Segment], given: int | None
+        self,
+        strategy: Strategy,
+        split: str,
+        index: Tensor,
+        segments: Sequence[Segment],
+        given: int | None,
+        cache: bool = True,
     ) -> Tensor:
         """Predicted classes for pool positions ``index`` in ``eval_batch_size`` chunks (no grad, autocast).
 
         ``segments`` say which task each run of ``index`` belongs to. A chunk may span several runs (many
         small test sets in one forward pass); its inputs are built run by run, so each part takes the
-        one-transform path of ``Stream.inputs`` instead of gathering a per-sample permutation table."""
-        assert self.stream is not None
+        one-transform path of ``Stream.inputs`` instead of gathering a per-sample permutation table.
+        With ``cache``, each chunk's prepared inputs are kept for the next call on the same ``index``
+        tensor as the same tasks (a task's test set, the stream's evaluation plan: the inputs of every row
+        of R) while they fit in ``eval_cache_mb``. The key holds ``index`` itself, so it cannot be confused
+        with another tensor that later takes its address, and the segments' task ids, since tasks of a
+        permuted stream share one test index."""
         chunks = []
+        owners = tuple((seg.start, seg.stop, seg.task_id) for seg in segments) if cache else ()
         first = 0  # the first segment that may still overlap the current chunk
         for start in range(0, int(index.numel()), self.eval_batch_size):
             stop = start + self.eval_batch_size
             while segments[first].stop <= start:
                 first += 1
-            parts = []
-            for segment in segments[first:]:
-                if segment.start >= stop:
-                    break
-                chosen = index[max(segment.start, start) : min(segment.stop, stop)]
-                parts.append(self.stream.inputs(split, chosen, segment.task_id))
-            x = self._memory_format(parts[0] if len(parts) == 1 else torch.cat(parts))
+            key = (split, index, owners, self.eval_batch_size, start) if cache else None
+            x = self._eval_inputs.get(key) if key is not None else None
+            if x is None:
+                x = self._chunk_inputs(split, index, segments[first:], start, stop)
+                if key is not None and self._eval_cache_bytes + x.nbytes <= self.eval_cache_mb * 2**20:
+                    self._eval_inputs[key] = x
+                    self._eval_cache_bytes += x.nbytes
             with self.autocast(evaluation=True):
                 logits = strategy.predict(x, given)
             chunks.append(logits.argmax(dim=1))
         return torch.cat(chunks) if chunks else index.new_empty(0)
+
+    def _chunk_inputs(self, split: str, index: Tensor, segments: Sequence[Segment], start: int, stop: int) -> Tensor:
+        """The model inputs of positions ``index[start:stop]``, built segment by segment."""
+        assert self.stream is not None
+        parts = []
+        for segment in segments:
+            if segment.start >= stop:
+                break
+            chosen = index[max(segment.start, start) : min(segment.stop, stop)]
+            parts.append(self.stream.inputs(split, chosen, segment.task_id))
+        return self._memory_format(parts[0] if len(parts) == 1 else torch.cat(parts))
 
     @torch.inference_mode()
     def accuracy(self, strategy: Strategy, task: Task, split: str = "test", give_task_id: bool = True) -> Tensor:
@@ -390,7 +419,8 @@ class Trainer:
         targets = task.test_targets if split == "test" else task.val_targets
         pool_split = "test" if split == "test" else "train"  # validation images live in the training pool
         segments = [Segment(0, int(index.numel()), task.id)]
-        predicted = self._predictions(strategy, pool_split, index, segments, task.id if give_task_id else None)
+        given = task.id if give_task_id else None
+        predicted = self._predictions(strategy, pool_split, index, segments, given)
         return (predicted == targets).sum().double() * (100.0 / max(1, int(index.numel())))
 
     def evaluate(self, strategy: Strategy, give_task_id: bool) -> list[float]:
@@ -412,7 +442,8 @@ class Trainer:
     def _batched_row(self, strategy: Strategy, tasks: Sequence[Task]) -> Tensor:
         assert self.stream is not None
         plan = self.stream.evaluation_plan
-        hits = (self._predictions(strategy, "test", plan.index, plan.segments, None) == plan.targets).double()
+        predicted = self._predictions(strategy, "test", plan.index, plan.segments, None)
+        hits = (predicted == plan.targets).double()
         correct = torch.zeros(len(tasks), dtype=torch.float64, device=hits.device).index_add_(0, plan.owners, hits)
         return correct * 100.0 / plan.sizes.clamp(min=1)
 
@@ -423,7 +454,8 @@ class Trainer:
         for module in strategy.eval_modules():
             module.eval()
         segments = [Segment(0, task.num_test, task.id)]
-        predicted = self._predictions(strategy, "test", task.test_index, segments, task.id if give_task_id else None)
+        given = task.id if give_task_id else None
+        predicted = self._predictions(strategy, "test", task.test_index, segments, given)
         targets = task.test_targets
         hits = (predicted == targets).float()
         correct = torch.bincount(targets, weights=hits, minlength=num_classes)[:num_classes]

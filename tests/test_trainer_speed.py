@@ -225,3 +225,60 @@ def test_prefetched_inputs_train_exactly_as_batch_by_batch(compose_cfg, prefetch
 def test_negative_prefetch_is_rejected():
     with pytest.raises(ValueError, match="prefetch_mb must be >= 0"):
         Trainer(prefetch_mb=-1)
+
+
+def count_input_calls(stream):
+    """Wrap ``stream.inputs`` to count the samples it prepares."""
+    original, seen = stream.inputs, []
+
+    def counted(split, index, task_ids):
+        seen.append(int(index.numel()))
+        return original(split, index, task_ids)
+
+    stream.inputs = counted
+    return seen
+
+
+@pytest.mark.parametrize("give_task_id", [False, True])
+def test_evaluation_inputs_are_prepared_once_and_rows_stay_exact(compose_cfg, give_task_id):
+    """The second and later rows of R reuse the first row's prepared inputs; the model changes between
+    rows, so a cache of anything but inputs would show as an unchanged row."""
+    cached, stream, trainer = build(compose_cfg, PERMUTED, eval_batch_size=256)
+    plain, _, plain_trainer = build(compose_cfg, PERMUTED, eval_batch_size=256, eval_cache_mb=0)
+    seen = count_input_calls(stream)
+    rows, plain_rows = [], []
+    for task in stream.tasks[:2]:
+        trainer.fit(cached, [task])
+        plain_trainer.fit(plain, [task])
+        before = sum(seen)
+        rows.append(trainer.evaluate(cached, give_task_id))
+        plain_rows.append(plain_trainer.evaluate(plain, give_task_id))
+        prepared = sum(seen) - before
+        assert prepared == (3000 if task.id == 0 else 0)  # 3 test sets of 1,000, prepared once
+    assert rows == plain_rows  # bit for bit
+    assert rows[0] != rows[1]
+
+
+def test_evaluation_cache_stays_within_its_budget(compose_cfg):
+    strategy, stream, trainer = build(compose_cfg, PERMUTED, eval_batch_size=256, eval_cache_mb=1)
+    plain, _, plain_trainer = build(compose_cfg, PERMUTED, eval_batch_size=256, eval_cache_mb=0)
+    seen = count_input_calls(stream)
+    for _ in range(2):
+        row = trainer.evaluate(strategy, give_task_id=False)
+    assert trainer._eval_cache_bytes <= 2**20
+    # 1 MB holds 1 chunk of 256 x 784 fp32 (0.77 MB): the second row prepares the other 3000 - 256
+    assert sum(seen) == 3000 + 3000 - 256
+    assert row == plain_trainer.evaluate(plain, give_task_id=False)
+
+
+def test_attach_empties_the_evaluation_cache(compose_cfg):
+    strategy, stream, trainer = build(compose_cfg, PERMUTED)
+    trainer.evaluate(strategy, give_task_id=False)
+    assert trainer._eval_cache_bytes > 0
+    trainer.attach(stream, 1)
+    assert trainer._eval_cache_bytes == 0 and not trainer._eval_inputs
+
+
+def test_negative_evaluation_cache_is_refused():
+    with pytest.raises(ValueError, match="eval_cache_mb must be >= 0"):
+        Trainer(eval_cache_mb=-1)
