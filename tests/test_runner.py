@@ -169,3 +169,10 @@ def test_cuda_request_without_cuda_names_the_fix():
     with pytest.raises(ConfigError, match="device=cpu"):
         select_device("cuda")
     assert select_device("auto").type == "cpu"
+
+
+def test_the_evaluation_cache_changes_neither_results_nor_the_run_id(run_tiny, tmp_path):
+    cached = run_tiny(["stream=split_digits"], tmp_path / "a")
+    uncached = run_tiny(["stream=split_digits", "trainer.eval_cache_mb=0"], tmp_path / "b")
+    assert uncached["run_id"] == cached["run_id"]
+    assert uncached["acc_matrix"] == cached["acc_matrix"]
