@@ -164,12 +164,12 @@ def bench_avalanche(args: argparse.Namespace, work: Path) -> list[str]:
         "clbench logger=none": ["logger=none", f"results_dir={work / 'r_none'}"],
         "clbench logger=none plots=false": ["logger=none", "plots=false", f"results_dir={work / 'r_bare'}"],
     }
-    if args.device.startswith("cuda"):  # whole training steps replayed as CUDA graphs
-        variants["clbench logger=none plots=false trainer.cuda_graphs=true"] = [
+    if args.device.startswith("cuda"):  # the default replays whole steps as CUDA graphs; this one does not
+        variants["clbench logger=none plots=false trainer.cuda_graphs=false"] = [
             "logger=none",
             "plots=false",
-            "trainer.cuda_graphs=true",
-            f"results_dir={work / 'r_graphs'}",
+            "trainer.cuda_graphs=false",
+            f"results_dir={work / 'r_eager'}",
         ]
     times: dict[str, list[float]] = {name: [] for name in [*variants, "avalanche"]}
     env = dict(os.environ, WANDB_SILENT="true")
@@ -289,7 +289,7 @@ def bench_overhead(args: argparse.Namespace, work: Path) -> list[str]:
     ratios: dict[str, list[float]] = {}
     setups = {"clbench": []}
     if args.device.startswith("cuda"):
-        setups["clbench trainer.cuda_graphs=true"] = ["trainer.cuda_graphs=true"]
+        setups["clbench trainer.cuda_graphs=false"] = ["trainer.cuda_graphs=false"]
     for repeat in range(args.repeats):
         bare = bare_loop(args.seed, args.device)
         for label, extra in setups.items():

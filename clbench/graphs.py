@@ -26,14 +26,30 @@ from clbench.strategy import Batch, Strategy
 Step = Callable[[Batch], tuple[Tensor, Tensor]]
 
 
-def check_graph_safe(strategy: Strategy, device: torch.device) -> None:
-    """Raise a one-line error where ``trainer.cuda_graphs=true`` cannot apply.
+def declares_graph_safe(strategy: Strategy) -> bool:
+    """Whether the strategy's own class declares ``graph_safe = True``. Not inherited: a subclass that
+    changes a step hook may break what its parent's declaration promised."""
+    return bool(type(strategy).__dict__.get("graph_safe", False))
 
-    Graph safety must be declared by the strategy's own class, not inherited: a subclass that changes a
-    step hook may break what its parent's declaration promised."""
+
+def use_graphs(setting: bool | str, strategy: Strategy, device: torch.device, compiled: bool) -> bool:
+    """Resolve ``trainer.cuda_graphs``: ``auto`` records where it applies (a CUDA device, a strategy that
+    declares graph-safe steps, no ``trainer.compile``, which records graphs of its own); ``true`` demands
+    it (a one-line error where it cannot apply); ``false`` never."""
+    if setting == "auto":
+        return device.type == "cuda" and declares_graph_safe(strategy) and not compiled
+    if setting:
+        check_graph_safe(strategy, device)
+        if compiled:
+            raise ValueError("trainer.cuda_graphs=true and trainer.compile cannot be combined: set one of them off")
+    return bool(setting)
+
+
+def check_graph_safe(strategy: Strategy, device: torch.device) -> None:
+    """Raise a one-line error where ``trainer.cuda_graphs=true`` cannot apply."""
     if device.type != "cuda":
         raise ValueError(f"trainer.cuda_graphs=true needs device=cuda (this run is on {device}): set it to false")
-    if not type(strategy).__dict__.get("graph_safe", False):
+    if not declares_graph_safe(strategy):
         raise ValueError(
             f"strategy {strategy.name!r} does not declare graph-safe training steps: run it with "
             "trainer.cuda_graphs=false (or set graph_safe = True in its class once its hooks are capture-safe)"

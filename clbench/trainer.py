@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from clbench.graphs import GraphedStep, check_graph_safe
+from clbench.graphs import GraphedStep, use_graphs
 from clbench.optim import SGD
 from clbench.strategy import Batch, Strategy
 from clbench.streams import Segment, Stream, Task
@@ -50,8 +50,10 @@ class Trainer:
     ``compile`` compiles every model the strategy trains with ``torch.compile`` in that mode
     (``reduce-overhead`` records CUDA graphs on a GPU, which pays for tiny-batch protocols). Evaluation
     fills a row of R with one pass over all tasks' test sets in ``eval_batch_size`` chunks where the task
-    identity is not given to the model (``batched_eval``). Training inputs are transformed for
-    ``prefetch_mb`` of batches at a time (the same batches; 0: batch by batch).
+    identity is not given to the model (``batched_eval``), from inputs prepared once and kept across rows
+    (``eval_cache_mb``). Training inputs are transformed for ``prefetch_mb`` of batches at a time (the same
+    batches; 0: batch by batch). On a GPU each training step is recorded as a CUDA graph and replayed
+    (``cuda_graphs``, see :mod:`clbench.graphs`).
     """
 
     epochs: int = 1
@@ -75,13 +77,14 @@ class Trainer:
     compile: str | None = None
     batched_eval: bool = True
     prefetch_mb: float = 16.0
-    cuda_graphs: bool = False
+    cuda_graphs: bool | str = "auto"
     graph_warmup_steps: int = 3
     eval_cache_mb: float = 128.0
     epoch_losses: list[list[float]] = field(default_factory=list)
     epoch_accuracies: list[list[float]] = field(default_factory=list)
     val_losses: list[list[float]] = field(default_factory=list)
     graph_replays: list[int] = field(default_factory=list)
+    _recording: bool = field(default=False, init=False, repr=False)
     _eval_inputs: dict[tuple, Tensor] = field(default_factory=dict, init=False, repr=False)
     _eval_cache_bytes: int = field(default=0, init=False, repr=False)
 
@@ -106,6 +109,8 @@ class Trainer:
                 )
         if self.prefetch_mb < 0:
             raise ValueError(f"trainer.prefetch_mb must be >= 0 (0: inputs batch by batch), got {self.prefetch_mb}")
+        if self.cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"unknown trainer.cuda_graphs {self.cuda_graphs!r}: use auto, true or false")
         if self.eval_cache_mb < 0:
             raise ValueError(f"trainer.eval_cache_mb must be >= 0 (0: no cache), got {self.eval_cache_mb}")
         if self.graph_warmup_steps < 1:
@@ -142,7 +147,7 @@ class Trainer:
             return contextlib.nullcontext()
         assert self.stream is not None
         # a recorded step must not keep autocast's cast-weight cache (it would outlive the capture)
-        return torch.autocast(self.stream.device.type, dtype=AMP_DTYPES[amp], cache_enabled=not self.cuda_graphs)
+        return torch.autocast(self.stream.device.type, dtype=AMP_DTYPES[amp], cache_enabled=not self._recording)
 
     def model_inputs(self, split: str, index: Tensor, task_ids: int | Tensor) -> Tensor:
         """``stream.inputs`` in the memory format the trainer was asked for."""
@@ -178,7 +183,7 @@ class Trainer:
         graphs: its step count then stays on the device)."""
         if self.optimizer == "sgd":
             return SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        return self.make_optimizer(params, capturable=self.cuda_graphs)
+        return self.make_optimizer(params, capturable=self._recording)
 
     def fit(
         self,
@@ -209,6 +214,7 @@ class Trainer:
                 "trainer.lr_patience / trainer.restore_best need a validation split: set stream.val_fraction > 0"
             )
         trained = list(strategy.parameters(current) if params is None else params)
+        self._recording = use_graphs(self.cuda_graphs, strategy, stream.device, self.compile is not None)
         optimizer = self._fit_optimizer(trained)
         lr, patience, best_loss = self.lr, self.lr_patience, math.inf
         best_state: list[Tensor] | None = None
@@ -233,8 +239,7 @@ class Trainer:
             return self._train_step(strategy, batch, current, absent, optimizer)
 
         graphed = None
-        if self.cuda_graphs:
-            check_graph_safe(strategy, stream.device)
+        if self._recording:
             graphed = GraphedStep(step_fn, lambda: optimizer.zero_grad(set_to_none=True), self.graph_warmup_steps)
         for epoch in range(epochs):
             # one gather per epoch; every step then takes contiguous slices (views, no index kernels)
@@ -291,6 +296,7 @@ class Trainer:
         if graphed is not None:
             graphed.release()
             self.graph_replays.append(graphed.replays)
+        self._recording = False
         if best_state is not None:
             with torch.no_grad():
                 for param, best in zip(trained, best_state, strict=True):
