@@ -243,10 +243,12 @@ class Projector:
     def orthogonal_from_factors(self, out_grad: Tensor, inputs: Tensor) -> Tensor | None:
         """``(delta^T X)(I - M M^T)`` computed as ``delta^T (X - X M M^T)`` for a linear layer whose weight
         gradient is ``delta^T X`` (``out_grad`` [N, out], ``inputs`` [N, d]); None where that is not
-        cheaper than projecting the formed gradient (large batches)."""
+        cheaper than projecting the formed gradient (large batches). Factors captured under bf16 autocast
+        are projected in the bases' precision (fp32), as the formed gradient would be."""
         count, dim = inputs.shape
         rank, out = self.bases.shape[1], out_grad.shape[1]
         cost = 2 * count * dim * min(rank, dim) + out * count * dim
         if cost >= out * dim * min(2 * rank, dim):
             return None
+        inputs, out_grad = inputs.to(self.bases.dtype), out_grad.to(self.bases.dtype)
         return out_grad.T @ (inputs - self.component(inputs))

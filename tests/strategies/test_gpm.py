@@ -76,6 +76,36 @@ def test_projected_gradient_is_orthogonal_to_the_stored_bases(build, bias, batch
         assert (grad - raw).abs().max() > 0  # the projection did something
 
 
+@pytest.mark.parametrize("name", ["gpm", "trgp"])
+def test_projection_under_bf16_autocast_stays_orthogonal(build, name):
+    """Under ``trainer.amp=bf16`` the captured layer inputs and output gradients are bf16 while the bases
+    are fp32: the factored projection must still run (it once failed with a dtype mismatch) and remove
+    the old subspaces from the fp32 gradient up to bf16 rounding of the factors."""
+    strategy, stream, _ = build(name)
+    generator = torch.Generator().manual_seed(1)
+    strategy.bases = [
+        torch.linalg.qr(torch.randn(layer.dim, 5 + i, generator=generator))[0]
+        for i, layer in enumerate(strategy.layers)
+    ]
+    strategy.refresh_projectors()
+    task = stream.tasks[1]
+    x = stream.inputs("train", task.train_index[:3], task.id)
+    y = task.train_targets[:3]
+    strategy.model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = strategy.forward(x, task.id)
+        loss = strategy.loss(output, y, Batch(x, y, task.id, task.train_index[:3]), task)
+    assert output.dtype == torch.bfloat16
+    loss.backward()
+    before = [layer.grad_matrix().clone() for layer in strategy.layers]
+    strategy.after_backward(task)
+    for layer, bases, raw in zip(strategy.layers, strategy.bases, before, strict=True):
+        grad = layer.grad_matrix()
+        assert grad.dtype == torch.float32
+        assert (grad @ bases).abs().max() < 2e-2 * raw.abs().max()
+        assert (grad - raw).abs().max() > 0
+
+
 def test_layers_without_a_basis_capture_nothing_in_the_training_step(build):
     """On the first task there is nothing to project: the step must not pay for input capture or tensor
     hooks; a layer that has a basis still captures its factors."""
@@ -128,6 +158,14 @@ def test_multi_head_leaves_heads_free_and_a_shared_head_is_projected(build):
     assert [layer.name for layer in strategy.layers] == ["body.1", "body.3", "heads.heads.0"]
     strategy, _, _ = build("gpm", overrides=["stream=split_digits"])
     assert [layer.name for layer in strategy.layers] == ["body.1", "body.3"]
+
+
+@pytest.mark.parametrize("name", ["gpm", "trgp", "cuber"])
+def test_projection_family_trains_under_bf16_autocast(run_tiny, name):
+    """Batch 4 takes the factored projection path on every projected task."""
+    overrides = [f"strategy={name}", "stream=split_digits", "model=mlp", "strategy.num_samples=50"]
+    result = run_tiny([*overrides, "trainer.amp=bf16", "trainer.batch_size=4"])
+    assert result["metrics"]["acc"] > 50.0
 
 
 def test_gpm_end_to_end_task_and_permuted_streams(run_tiny):
