@@ -77,7 +77,16 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def _experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a config that change results (not paths, loggers, progress bars or speed-only switches)."""
     stream = without_paths(config.get("stream", {}))
-    result_neutral = ("progress", "eval_batch_size", "batched_eval", "prefetch_mb", "eval_cache_mb")
+    # speed switches that leave R unchanged (bit for bit, or up to float rounding as a change of device would)
+    result_neutral = (
+        "progress",
+        "eval_batch_size",
+        "batched_eval",
+        "prefetch_mb",
+        "eval_cache_mb",
+        "cuda_graphs",
+        "graph_warmup_steps",
+    )
     trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in result_neutral}
     keys = ("model", "strategy", "seed", "deterministic")
     return {"stream": stream, "trainer": trainer, **{k: config.get(k) for k in keys}}

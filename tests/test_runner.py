@@ -176,3 +176,11 @@ def test_the_evaluation_cache_changes_neither_results_nor_the_run_id(run_tiny, t
     uncached = run_tiny(["stream=split_digits", "trainer.eval_cache_mb=0"], tmp_path / "b")
     assert uncached["run_id"] == cached["run_id"]
     assert uncached["acc_matrix"] == cached["acc_matrix"]
+
+
+def test_cuda_graph_switches_are_not_part_of_the_run_id(run_tiny, tmp_path):
+    """Recorded steps train as eager ones (tests/test_graphs.py on a GPU), so a resume may switch them."""
+    default = run_tiny(["stream=split_digits"], tmp_path / "a")
+    switches = ["trainer.cuda_graphs=false", "trainer.graph_warmup_steps=5"]
+    eager = run_tiny(["stream=split_digits", *switches], tmp_path / "b")
+    assert eager["run_id"] == default["run_id"]
