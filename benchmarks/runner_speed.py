@@ -28,6 +28,7 @@ import os
 import platform
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -66,8 +67,8 @@ def section(title: str, columns: list[str]) -> list[str]:
 
 
 def median(values: list[float]) -> float:
-    """The middle value (the upper one of an even count), as the tables report it."""
-    return sorted(values)[len(values) // 2]
+    """The median (the mean of the two middle values of an even count)."""
+    return statistics.median(values)
 
 
 # -------------------------------------------------------------------------------------------------
