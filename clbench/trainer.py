@@ -79,7 +79,7 @@ class Trainer:
     prefetch_mb: float = 16.0
     cuda_graphs: bool | str = "auto"
     graph_warmup_steps: int = 3
-    eval_cache_mb: float = 128.0
+    eval_cache_mb: float = 64.0
     epoch_losses: list[list[float]] = field(default_factory=list)
     epoch_accuracies: list[list[float]] = field(default_factory=list)
     val_losses: list[list[float]] = field(default_factory=list)
