@@ -104,10 +104,13 @@ class GraphedStep:
         return self.outputs
 
     def _fits(self, batch: Batch) -> bool:
+        """Whether the recording computes this batch: the same shapes, and the same task id where it is
+        one int (the recorded Python took its branches for that id)."""
         assert self.static is not None
-        return batch.x.shape == self.static.x.shape and isinstance(batch.task_ids, Tensor) == isinstance(
-            self.static.task_ids, Tensor
-        )
+        recorded = self.static.task_ids
+        if isinstance(recorded, Tensor) != isinstance(batch.task_ids, Tensor) or batch.x.shape != self.static.x.shape:
+            return False
+        return isinstance(recorded, Tensor) or batch.task_ids == recorded
 
     def _eager_on_side_stream(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """An ordinary step, on a side stream as PyTorch asks of the steps before a capture."""

@@ -97,6 +97,23 @@ def test_unknown_cuda_graphs_value_names_the_choices():
         Trainer(cuda_graphs="always")
 
 
+def test_a_recording_replays_only_batches_it_computes():
+    """Replays need the recorded shapes, and for an int task id the recorded id (the recorded Python took
+    its branches for it); anything else runs eagerly. Pure bookkeeping, so checked here on the CPU."""
+    graphed = GraphedStep(step=lambda batch: batch, zero_grad=lambda: None)
+
+    def batch(rows: int, task_ids) -> Batch:
+        return Batch(torch.zeros(rows, 4), torch.zeros(rows, dtype=torch.long), task_ids, torch.arange(rows))
+
+    graphed.static = batch(8, 2)
+    assert graphed._fits(batch(8, 2))
+    assert not graphed._fits(batch(5, 2))  # the ragged last batch
+    assert not graphed._fits(batch(8, 3))  # another task's id
+    assert not graphed._fits(batch(8, torch.full((8,), 2)))
+    graphed.static = batch(8, torch.full((8,), 2))
+    assert graphed._fits(batch(8, torch.arange(8)))  # per-sample ids are data: copied in, not recorded
+
+
 def test_warmup_must_be_at_least_one_step():
     with pytest.raises(ValueError, match="graph_warmup_steps must be >= 1"):
         Trainer(graph_warmup_steps=0)
