@@ -375,30 +375,29 @@ class Trainer:
         index: Tensor,
         segments: Sequence[Segment],
         given: int | None,
-        cache: bool = True,
     ) -> Tensor:
         """Predicted classes for pool positions ``index`` in ``eval_batch_size`` chunks (no grad, autocast).
 
         ``segments`` say which task each run of ``index`` belongs to. A chunk may span several runs (many
         small test sets in one forward pass); its inputs are built run by run, so each part takes the
         one-transform path of ``Stream.inputs`` instead of gathering a per-sample permutation table.
-        With ``cache``, each chunk's prepared inputs are kept for the next call on the same ``index``
+        Each chunk's prepared inputs are kept for the next call on the same ``index``
         tensor as the same tasks (a task's test set, the stream's evaluation plan: the inputs of every row
         of R) while they fit in ``eval_cache_mb``. The key holds ``index`` itself, so it cannot be confused
         with another tensor that later takes its address, and the segments' task ids, since tasks of a
         permuted stream share one test index."""
         chunks = []
-        owners = tuple((seg.start, seg.stop, seg.task_id) for seg in segments) if cache else ()
+        owners = tuple((seg.start, seg.stop, seg.task_id) for seg in segments)
         first = 0  # the first segment that may still overlap the current chunk
         for start in range(0, int(index.numel()), self.eval_batch_size):
             stop = start + self.eval_batch_size
             while segments[first].stop <= start:
                 first += 1
-            key = (split, index, owners, self.eval_batch_size, start) if cache else None
-            x = self._eval_inputs.get(key) if key is not None else None
+            key = (split, index, owners, self.eval_batch_size, start)
+            x = self._eval_inputs.get(key)
             if x is None:
                 x = self._chunk_inputs(split, index, segments[first:], start, stop)
-                if key is not None and self._eval_cache_bytes + x.nbytes <= self.eval_cache_mb * 2**20:
+                if self._eval_cache_bytes + x.nbytes <= self.eval_cache_mb * 2**20:
                     self._eval_inputs[key] = x
                     self._eval_cache_bytes += x.nbytes
             with self.autocast(evaluation=True):
