@@ -56,12 +56,18 @@ def test_every_listed_strategy_declares_graph_safety(compose_cfg):
     assert declared == GRAPH_SAFE
 
 
-def test_fit_refuses_cuda_graphs_on_a_cpu_stream(compose_cfg):
+def cpu_finetune(compose_cfg) -> tuple[Finetune, object]:
+    """Fine-tuning set up on a small 2-task permuted stream on the CPU."""
     cfg = compose_cfg(["stream=permuted_mnist5k", "stream.num_tasks=2", "stream.train_per_task=100"])
     stream = instantiate(cfg.stream)
     model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes)
     strategy = Finetune()
     strategy.setup(model, stream)
+    return strategy, stream
+
+
+def test_fit_refuses_cuda_graphs_on_a_cpu_stream(compose_cfg):
+    strategy, stream = cpu_finetune(compose_cfg)
     trainer = Trainer(progress=False, cuda_graphs=True)
     trainer.attach(stream, 0)
     with pytest.raises(ValueError, match="needs device=cuda"):
@@ -80,11 +86,7 @@ def test_auto_records_only_where_it_applies():
 
 
 def test_auto_on_a_cpu_stream_trains_eagerly(compose_cfg):
-    cfg = compose_cfg(["stream=permuted_mnist5k", "stream.num_tasks=2", "stream.train_per_task=100"])
-    stream = instantiate(cfg.stream)
-    model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes)
-    strategy = Finetune()
-    strategy.setup(model, stream)
+    strategy, stream = cpu_finetune(compose_cfg)
     trainer = Trainer(progress=False)
     assert trainer.cuda_graphs == "auto"
     trainer.attach(stream, 0)

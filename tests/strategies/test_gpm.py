@@ -51,16 +51,21 @@ def test_basis_count_never_exceeds_the_dimension():
     assert gpm_update(full, activation + 0.1 * torch.randn_like(activation), 1.0).shape[1] <= 12
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("batch_size", [3, 400])  # factored (delta^T X) and formed-gradient paths
-def test_projected_gradient_is_orthogonal_to_the_stored_bases(build, bias, batch_size):
-    strategy, stream, _ = build("gpm", bias=bias)
+def set_random_bases(strategy) -> None:
+    """Stand-in old-task bases: orthonormal, 5 + i columns for projected layer i."""
     generator = torch.Generator().manual_seed(1)
     strategy.bases = [
         torch.linalg.qr(torch.randn(layer.dim, 5 + i, generator=generator))[0]
         for i, layer in enumerate(strategy.layers)
     ]
     strategy.refresh_projectors()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("batch_size", [3, 400])  # factored (delta^T X) and formed-gradient paths
+def test_projected_gradient_is_orthogonal_to_the_stored_bases(build, bias, batch_size):
+    strategy, stream, _ = build("gpm", bias=bias)
+    set_random_bases(strategy)
     task = stream.tasks[1]
     x = stream.inputs("train", task.train_index[:batch_size], task.id)
     y = task.train_targets[:batch_size]
@@ -82,12 +87,7 @@ def test_projection_under_bf16_autocast_stays_orthogonal(build, name):
     are fp32: the factored projection must still run (it once failed with a dtype mismatch) and remove
     the old subspaces from the fp32 gradient up to bf16 rounding of the factors."""
     strategy, stream, _ = build(name)
-    generator = torch.Generator().manual_seed(1)
-    strategy.bases = [
-        torch.linalg.qr(torch.randn(layer.dim, 5 + i, generator=generator))[0]
-        for i, layer in enumerate(strategy.layers)
-    ]
-    strategy.refresh_projectors()
+    set_random_bases(strategy)
     task = stream.tasks[1]
     x = stream.inputs("train", task.train_index[:3], task.id)
     y = task.train_targets[:3]
