@@ -12,7 +12,7 @@ Four measurements, each side by side in one invocation on the same machine (the 
                doing the same steps (same per-epoch shuffles from the same generator, same batches, same
                model and initialisation) and the same evaluation of R.
 ``eval``       the share of a run's time spent filling R for T = 20 tasks (random-init row included), in
-               fp32 and with ``trainer.eval_amp=bf16``.
+               fp32, fp32 without the evaluation-input cache, and with ``trainer.eval_amp=bf16``.
 ``memory``     peak resident memory of a run on 2 vs 100 permuted tasks (each in its own process).
 
     python benchmarks/runner_speed.py all                 # CPU, ~6 min on 2 cores
@@ -320,7 +320,12 @@ def bench_eval(args: argparse.Namespace, work: Path) -> list[str]:
         ["evaluation precision", "repeat", "fit s", "evaluation s", "run total s", "evaluation share", "ACC"],
     )
     medians = []
-    for label, extra in (("fp32 (default)", []), ("bf16 autocast (trainer.eval_amp=bf16)", ["trainer.eval_amp=bf16"])):
+    setups = (
+        ("fp32 (default)", []),
+        ("fp32, inputs prepared every row (trainer.eval_cache_mb=0)", ["trainer.eval_cache_mb=0"]),
+        ("bf16 autocast (trainer.eval_amp=bf16)", ["trainer.eval_amp=bf16"]),
+    )
+    for label, extra in setups:
         shares = []
         for repeat in range(args.repeats):
             result = clbench_in_process(args.seed, args.device, work / "eval20", ["stream.num_tasks=20", *extra])
