@@ -156,6 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     class_acc: list[list[float]] = []
     fit_seconds: list[float] = []
     eval_seconds: list[float] = []
+    graph_replays: list[int] = []  # per task, training steps replayed as CUDA graphs (0: all eager)
     learning_curves: list[list[list[float]]] = []
     accuracy_curves: list[list[list[float]]] = []
     first_task = 0
@@ -169,6 +170,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         random_init_acc = np.asarray(checkpoint["random_init_acc"])
         random_init_eval_s = checkpoint.get("random_init_eval_s", 0.0)
         fit_seconds, eval_seconds = checkpoint["fit_seconds"], checkpoint["eval_seconds"]
+        graph_replays = checkpoint.get("graph_replays", [0] * first_task)
         learning_curves = checkpoint["learning_curves"]
         accuracy_curves = checkpoint.get("accuracy_curves", [])
         class_acc = checkpoint.get("class_acc", [])
@@ -219,6 +221,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 "eval_s": eval_seconds,
                 "random_init_eval_s": random_init_eval_s,
                 "total_s": time.perf_counter() - started,
+                "graph_replays": graph_replays,
             },
             learning_curves=learning_curves,
             train_acc_curves=accuracy_curves,
@@ -232,11 +235,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_result(result_path, snapshot("running"))
     try:
         for task in stream.tasks[first_task:]:
-            curves_before = len(trainer.epoch_losses)
+            curves_before, replays_before = len(trainer.epoch_losses), sum(trainer.graph_replays)
             tick = time.perf_counter()
             strategy.fit_task(task, trainer)
             strategy.after_task(task)
             fit_seconds.append(time.perf_counter() - tick)
+            graph_replays.append(sum(trainer.graph_replays) - replays_before)
             learning_curves.append(trainer.epoch_losses[curves_before:])
             accuracy_curves.append(trainer.epoch_accuracies[curves_before:])
             tick = time.perf_counter()
@@ -257,6 +261,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "random_init_acc": random_init_acc,
                     "random_init_eval_s": random_init_eval_s,
                     "fit_seconds": fit_seconds,
+                    "graph_replays": graph_replays,
                     "eval_seconds": eval_seconds,
                     "learning_curves": learning_curves,
                     "accuracy_curves": accuracy_curves,

@@ -184,3 +184,9 @@ def test_cuda_graph_switches_are_not_part_of_the_run_id(run_tiny, tmp_path):
     switches = ["trainer.cuda_graphs=false", "trainer.graph_warmup_steps=5"]
     eager = run_tiny(["stream=split_digits", *switches], tmp_path / "b")
     assert eager["run_id"] == default["run_id"]
+
+
+def test_result_timings_say_how_many_steps_were_replayed_as_cuda_graphs(run_tiny):
+    """On the CPU every step is eager: one zero per task (a GPU run of tests/test_graphs.py counts them)."""
+    result = run_tiny(["stream=split_digits"])
+    assert result["timings"]["graph_replays"] == [0] * len(result["acc_matrix"])
