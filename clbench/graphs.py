@@ -28,7 +28,7 @@ Step = Callable[[Batch], tuple[Tensor, Tensor]]
 
 
 @cache
-def warmup_stream(device: int) -> torch.cuda.Stream:
+def warmup_stream(device: torch.device) -> torch.cuda.Stream:
     """One side stream per GPU for every warm-up, reused across fits: cuBLAS keeps a workspace (tens of
     MB) for each stream it has run on, for the life of the process, so a new stream per task would leak
     one workspace per task (100 tasks: +2 GB)."""
@@ -114,11 +114,12 @@ class GraphedStep:
 
     def _eager_on_side_stream(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """An ordinary step, on a side stream as PyTorch asks of the steps before a capture."""
-        side = warmup_stream(torch.cuda.current_device())
-        side.wait_stream(torch.cuda.current_stream())
+        device = batch.x.device
+        side = warmup_stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             result = self.step(batch)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         return result
 
     def _capture(self, batch: Batch, key: object) -> None:
@@ -135,7 +136,7 @@ class GraphedStep:
         self.zero_grad()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.device(static.x.device), torch.cuda.graph(graph):
                 outputs = self.step(static)
         except RuntimeError as error:
             raise RuntimeError(

@@ -63,6 +63,14 @@ def select_device(name: str, job_num: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def activate_device(device: torch.device) -> None:
+    """Make a CUDA ``device`` this process's current device. ``select_device`` pins sweep job k to cuda:k,
+    but what works on "the current device" (CUDA-graph capture and its streams, cuBLAS handles) would
+    otherwise still run on cuda:0, beside tensors that live on cuda:k."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch; ``deterministic`` also asks torch for deterministic kernels."""
     random.seed(seed)
@@ -118,6 +126,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     config.pop("hydra", None)
     context = job_context()
     device = select_device(str(cfg.device), context.job_num if context.multirun else 0)
+    activate_device(device)
     seed = int(cfg.seed)
     seed_everything(seed, bool(cfg.get("deterministic", False)))
     if cfg.get("cpu_threads") is not None:

@@ -95,3 +95,28 @@ def test_auto_device_pins_each_job_to_its_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert [select_device("auto", job).index for job in range(6)] == [0, 1, 2, 3, 0, 1]
     assert select_device("cuda:2", 5).index == 2  # an explicit choice is never moved
+
+
+def test_a_pinned_gpu_becomes_the_current_device(monkeypatch):
+    """Job k's tensors live on cuda:k; CUDA-graph capture and its streams use the current device, which
+    stayed cuda:0 before ``activate_device``."""
+    import torch
+
+    from clbench.runner import activate_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    activate_device(torch.device("cuda", 3))
+    activate_device(torch.device("cpu"))
+    assert chosen == [torch.device("cuda", 3)]
+
+
+def test_run_activates_the_device_it_selected(monkeypatch, run_tiny):
+    import torch
+
+    import clbench.runner
+
+    activated = []
+    monkeypatch.setattr(clbench.runner, "activate_device", activated.append)
+    run_tiny(["stream=split_digits"])
+    assert activated == [torch.device("cpu")]
