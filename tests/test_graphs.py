@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from clbench.graphs import GraphedStep, check_graph_safe, use_graphs
+from clbench.graphs import GraphedStep, check_graph_safe, declares_graph_safe, use_graphs
 from clbench.strategy import Batch, Strategy
 from clbench.trainer import Trainer
 from strategies.finetune import Finetune
@@ -50,8 +50,7 @@ def test_every_listed_strategy_declares_graph_safety(compose_cfg):
     """The GPU contract test below covers exactly the strategies that declare it."""
     declared = []
     for name in ["finetune", "gpm", "trgp", "cuber", "ewc", "ewc_online", "si", "mas", "lwf", "supsup", "joint"]:
-        strategy = instantiate(compose_cfg([f"strategy={name}"]).strategy)
-        if type(strategy).__dict__.get("graph_safe", False):
+        if declares_graph_safe(instantiate(compose_cfg([f"strategy={name}"]).strategy)):
             declared.append(name)
     assert declared == GRAPH_SAFE
 
@@ -124,7 +123,7 @@ def test_warmup_must_be_at_least_one_step():
 # -- on a GPU ----------------------------------------------------------------------------------------
 
 
-def train(compose_cfg, name: str, graphs: bool, extra: list[str] | None = None, **trainer_kwargs):
+def train(compose_cfg, name: str, graphs: bool, **trainer_kwargs):
     """Train ``strategy=name`` over a 3-task stream on the GPU; returns the final parameters, R and the
     trainer. 310 samples at batch 32: 9 full batches and a ragged one of 22 per epoch."""
     overrides = [
@@ -132,7 +131,6 @@ def train(compose_cfg, name: str, graphs: bool, extra: list[str] | None = None, 
         "stream.num_tasks=3",
         "stream.train_per_task=310",
         f"strategy={name}",
-        *(extra or []),
     ]
     cfg = compose_cfg(overrides)
     torch.manual_seed(0)
