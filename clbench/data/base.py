@@ -53,10 +53,21 @@ class ImageDataset:
 
 
 def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of images in [0, 1] units (uint8 images are divided by 255)."""
-    x = images.float()
+    """Per-channel mean and (unbiased) std of images in [0, 1] units (uint8 images are divided by 255).
+
+    uint8 images are counted, not converted: a 256-bin histogram per channel gives the exact mean and
+    variance in float64 without a float copy of the training set (Fashion-MNIST's 47M pixels: ~0.02 s
+    instead of ~0.4 s and 188 MB, at every run's start)."""
     if images.dtype == torch.uint8:
-        x = x / 255.0
+        per_channel = images.transpose(0, 1).reshape(images.shape[1], -1)
+        counts = torch.stack([torch.bincount(channel, minlength=256) for channel in per_channel]).double()
+        levels = torch.arange(256, dtype=torch.float64, device=images.device) / 255.0
+        total = counts.sum(dim=1)
+        mean = (counts * levels).sum(dim=1) / total
+        variance = (counts * (levels - mean[:, None]) ** 2).sum(dim=1) / (total - 1).clamp_min(1)
+        std = variance.sqrt().clamp_min(1e-6)
+        return tuple(mean.tolist()), tuple(std.tolist())
+    x = images.double()
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
     return tuple(mean.tolist()), tuple(std.tolist())
