@@ -233,7 +233,7 @@ class CUBER(TRGP):
     def extra_results(self) -> dict[str, Any]:
         """Per task, the regime of each (layer, old task) when the task started and when it ended
         (``cuber_regimes[t]["start"][layer][j]``; 3 turning into 2 is the per-step recheck)."""
-        return {"cuber_regimes": self.regime_log}
+        return {**super().extra_results(), "cuber_regimes": self.regime_log}
 
     # -- persistence ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -62,6 +62,7 @@ class GPM(Strategy):
         self.layers: list[ConstrainedLayer] = []
         self.bases: list[Tensor | None] = []
         self.projectors: list[Projector | None] = []
+        self.rank_log: list[list[int]] = []  # per finished task, each layer's basis rank (memory used)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def setup(self, model: ContinualModel, stream: Stream) -> ContinualModel:
@@ -122,6 +123,12 @@ class GPM(Strategy):
         for i, (mat, threshold) in enumerate(zip(mats, self.task_thresholds(task), strict=True)):
             self.bases[i] = gpm_update(self.bases[i], mat, threshold)
         self.refresh_projectors()
+        self.record_ranks()
+
+    def record_ranks(self) -> None:
+        """Log each layer's basis rank after a task: the memory GPM papers plot, and what a step's
+        projection costs."""
+        self.rank_log.append([0 if b is None else int(b.shape[1]) for b in self.bases])
 
     def refresh_projectors(self) -> None:
         """Rebuild the projection operators from the current bases (once per task, not per step)."""
@@ -194,11 +201,21 @@ class GPM(Strategy):
                 projector.remove_(layer.grad_matrix())
         self.clear_factors()
 
+    def extra_results(self) -> dict[str, Any]:
+        """``basis_ranks[t][l]``: layer ``l``'s basis rank after task ``t``, out of ``basis_dims[l]``
+        (the layer's input dimension), for the layers named in ``projected_layers``."""
+        return {
+            "projected_layers": [layer.name for layer in self.layers],
+            "basis_dims": [layer.dim for layer in self.layers],
+            "basis_ranks": self.rank_log,
+        }
+
     # -- persistence ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "bases": self.bases}
+        return {**super().state_dict(), "bases": self.bases, "rank_log": self.rank_log}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.bases = list(state["bases"])
+        self.rank_log = [list(ranks) for ranks in state.get("rank_log", [])]
         self.refresh_projectors()

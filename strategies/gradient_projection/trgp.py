@@ -98,6 +98,7 @@ class TRGP(GPM):
             own.append(basis)
         self.task_bases.append(own)
         self.refresh_projectors()
+        self.record_ranks()
 
     @property
     def device(self) -> torch.device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -166,6 +167,12 @@ def test_projection_family_trains_under_bf16_autocast(run_tiny, name):
     overrides = [f"strategy={name}", "stream=split_digits", "model=mlp", "strategy.num_samples=50"]
     result = run_tiny([*overrides, "trainer.amp=bf16", "trainer.batch_size=4"])
     assert result["metrics"]["acc"] > 50.0
+    # the memory each family member used, task by task: never shrinking, never above a layer's dimension
+    ranks = result["basis_ranks"]
+    assert len(ranks) == len(result["acc_matrix"]) and len(ranks[0]) == len(result["projected_layers"])
+    for before, after in itertools.pairwise(ranks):
+        assert all(b <= a <= d for b, a, d in zip(before, after, result["basis_dims"], strict=True))
+    assert ranks[0][0] > 0
 
 
 def test_gpm_end_to_end_task_and_permuted_streams(run_tiny):
@@ -181,3 +188,19 @@ def test_gpm_end_to_end_task_and_permuted_streams(run_tiny):
     gpm = run_tiny([*overrides, "strategy=gpm", "strategy.threshold=[0.95,0.99,0.99]"])
     # old tasks' inputs keep (almost) their layer outputs, so their accuracies barely move
     assert gpm["status"] == "completed" and abs(gpm["metrics"]["bwt"]) < 3.0
+    assert gpm["projected_layers"] == ["body.1", "body.3", "heads.heads.0"]
+    assert gpm["basis_dims"] == [784, 100, 100] and len(gpm["basis_ranks"]) == 3
+
+
+@pytest.mark.parametrize("name", ["gpm", "trgp"])
+def test_basis_ranks_are_logged_per_task_and_survive_a_resume(build, name):
+    strategy, stream, _ = build(name, bias=False, overrides=["strategy.num_samples=50"])
+    for task in stream.tasks[:2]:
+        strategy.after_task(task)
+    assert len(strategy.rank_log) == 2
+    assert strategy.rank_log[-1] == [0 if b is None else int(b.shape[1]) for b in strategy.bases]
+    assert all(a <= b for a, b in zip(*strategy.rank_log, strict=True)) and strategy.rank_log[0][0] > 0
+    restored, _, _ = build(name, bias=False, overrides=["strategy.num_samples=50"])
+    restored.load_state_dict(strategy.state_dict())
+    assert restored.rank_log == strategy.rank_log
+    assert restored.extra_results()["basis_ranks"] == strategy.rank_log
