@@ -93,6 +93,7 @@ def _experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
         "prefetch_mb",
         "eval_cache_mb",
         "cuda_graphs",
+        "closed_form",
         "graph_warmup_steps",
     )
     trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in result_neutral}
@@ -166,6 +167,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fit_seconds: list[float] = []
     eval_seconds: list[float] = []
     graph_replays: list[int] = []  # per task, training steps replayed as CUDA graphs (0: all eager)
+    closed_form_steps: list[int] = []  # per task, training steps with closed-form gradients (0: all autograd)
     learning_curves: list[list[list[float]]] = []
     accuracy_curves: list[list[list[float]]] = []
     first_task = 0
@@ -180,6 +182,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         random_init_eval_s = checkpoint.get("random_init_eval_s", 0.0)
         fit_seconds, eval_seconds = checkpoint["fit_seconds"], checkpoint["eval_seconds"]
         graph_replays = checkpoint.get("graph_replays", [0] * first_task)
+        closed_form_steps = checkpoint.get("closed_form_steps", [0] * first_task)
         learning_curves = checkpoint["learning_curves"]
         accuracy_curves = checkpoint.get("accuracy_curves", [])
         class_acc = checkpoint.get("class_acc", [])
@@ -231,6 +234,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 "random_init_eval_s": random_init_eval_s,
                 "total_s": time.perf_counter() - started,
                 "graph_replays": graph_replays,
+                "closed_form_steps": closed_form_steps,
             },
             learning_curves=learning_curves,
             train_acc_curves=accuracy_curves,
@@ -245,11 +249,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         for task in stream.tasks[first_task:]:
             curves_before, replays_before = len(trainer.epoch_losses), sum(trainer.graph_replays)
+            closed_before = sum(trainer.closed_form_steps)
             tick = time.perf_counter()
             strategy.fit_task(task, trainer)
             strategy.after_task(task)
             fit_seconds.append(time.perf_counter() - tick)
             graph_replays.append(sum(trainer.graph_replays) - replays_before)
+            closed_form_steps.append(sum(trainer.closed_form_steps) - closed_before)
             learning_curves.append(trainer.epoch_losses[curves_before:])
             accuracy_curves.append(trainer.epoch_accuracies[curves_before:])
             tick = time.perf_counter()
@@ -271,6 +277,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "random_init_eval_s": random_init_eval_s,
                     "fit_seconds": fit_seconds,
                     "graph_replays": graph_replays,
+                    "closed_form_steps": closed_form_steps,
                     "eval_seconds": eval_seconds,
                     "learning_curves": learning_curves,
                     "accuracy_curves": accuracy_curves,

@@ -49,13 +49,17 @@ class Strategy:
     even where the scenario hides it, e.g. one model per task; the result file records it), and
     ``graph_safe`` (True where ``forward``, ``loss``, ``after_backward`` and ``after_step`` read nothing
     back to the host and take the same Python path on every step of a task, so ``trainer.cuda_graphs``
-    may record the step once and replay it; only the class's own declaration counts, not a parent's).
+    may record the step once and replay it; only the class's own declaration counts, not a parent's), and
+    ``closed_form_safe`` (True where the training loss is ``Strategy.loss`` on ``Strategy.forward`` and the
+    hooks need nothing from autograd but ``.grad``, so ``trainer.closed_form`` may write an MLP's gradients
+    out without autograd; see :mod:`clbench.closed_form`; again only the class's own declaration counts).
     """
 
     name: ClassVar[str] = "finetune"
     scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
     uses_task_oracle: ClassVar[bool] = False
     graph_safe: ClassVar[bool] = False
+    closed_form_safe: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.model: ContinualModel | None = None
@@ -109,6 +113,14 @@ class Strategy:
 
     def after_backward(self, task: Task) -> None:
         """Gradient surgery before the optimizer step (projections)."""
+
+    def linear_gradient(self, layer: nn.Linear, inputs: Tensor, out_grad: Tensor) -> Tensor | None:
+        """Closed-form steps only (``trainer.closed_form``): ``layer``'s input ``[B, in]`` and the loss's
+        gradient with respect to its output ``[B, out]``, whose product ``out_grad^T inputs`` is the
+        weight gradient. A strategy may return the ``[out, in]`` gradient to use instead (``[out, in + 1]``
+        with the bias gradient as last column), e.g. projected from these factors, which is cheaper than
+        changing the formed gradient in ``after_backward``; None keeps the plain one."""
+        return None
 
     def after_step(self, task: Task) -> None:
         """After each optimizer step (path integrals, mask re-application)."""

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clbench.closed_form import ClosedFormStep, use_closed_form
 from clbench.graphs import GraphedStep, use_graphs
 from clbench.optim import SGD
 from clbench.strategy import Batch, Strategy
@@ -53,7 +54,8 @@ class Trainer:
     identity is not given to the model (``batched_eval``), from inputs prepared once and kept across rows
     (``eval_cache_mb``). Training inputs are transformed for ``prefetch_mb`` of batches at a time (the same
     batches; 0: batch by batch). On a GPU each training step is recorded as a CUDA graph and replayed
-    (``cuda_graphs``, see :mod:`clbench.graphs`).
+    (``cuda_graphs``, see :mod:`clbench.graphs`); on a CPU an MLP's gradients are written out without
+    autograd where the strategy allows it (``closed_form``, see :mod:`clbench.closed_form`).
     """
 
     epochs: int = 1
@@ -80,10 +82,12 @@ class Trainer:
     cuda_graphs: bool | str = "auto"
     graph_warmup_steps: int = 3
     eval_cache_mb: float = 64.0
+    closed_form: bool | str = "auto"
     epoch_losses: list[list[float]] = field(default_factory=list)
     epoch_accuracies: list[list[float]] = field(default_factory=list)
     val_losses: list[list[float]] = field(default_factory=list)
     graph_replays: list[int] = field(default_factory=list)
+    closed_form_steps: list[int] = field(default_factory=list)
     _recording: bool = field(default=False, init=False, repr=False)
     _eval_inputs: dict[tuple, Tensor] = field(default_factory=dict, init=False, repr=False)
     _eval_cache_bytes: int = field(default=0, init=False, repr=False)
@@ -109,8 +113,9 @@ class Trainer:
                 )
         if self.prefetch_mb < 0:
             raise ValueError(f"trainer.prefetch_mb must be >= 0 (0: inputs batch by batch), got {self.prefetch_mb}")
-        if self.cuda_graphs not in (True, False, "auto"):
-            raise ValueError(f"unknown trainer.cuda_graphs {self.cuda_graphs!r}: use auto, true or false")
+        for key in ("cuda_graphs", "closed_form"):
+            if getattr(self, key) not in (True, False, "auto"):
+                raise ValueError(f"unknown trainer.{key} {getattr(self, key)!r}: use auto, true or false")
         if self.eval_cache_mb < 0:
             raise ValueError(f"trainer.eval_cache_mb must be >= 0 (0: no cache), got {self.eval_cache_mb}")
         if self.graph_warmup_steps < 1:
@@ -215,6 +220,16 @@ class Trainer:
             )
         trained = list(strategy.parameters(current) if params is None else params)
         self._recording = use_graphs(self.cuda_graphs, strategy, stream.device, self.compile is not None)
+        closed = None
+        if strategy.model is not None and use_closed_form(
+            self.closed_form, strategy.model, strategy, stream.device, self.amp, self.compile is not None
+        ):
+            if self._recording:
+                raise ValueError(
+                    "trainer.closed_form=true and CUDA-graph steps cannot be combined: set trainer.cuda_graphs=false"
+                )
+            closed = ClosedFormStep(strategy.model, strategy)
+        closed_steps = 0
         optimizer = self._fit_optimizer(trained)
         lr, patience, best_loss = self.lr, self.lr_patience, math.inf
         best_state: list[Tensor] | None = None
@@ -236,6 +251,12 @@ class Trainer:
         block_steps = self.prefetch_steps()
 
         def step_fn(batch: Batch) -> tuple[Tensor, Tensor]:
+            nonlocal closed_steps
+            if closed is not None:
+                done = self._closed_form_step(closed, strategy, batch, current, absent, optimizer)
+                if done is not None:
+                    closed_steps += 1
+                    return done
             return self._train_step(strategy, batch, current, absent, optimizer)
 
         graphed = None
@@ -296,6 +317,7 @@ class Trainer:
         if graphed is not None:
             graphed.release()
             self.graph_replays.append(graphed.replays)
+        self.closed_form_steps.append(closed_steps)
         self._recording = False
         if best_state is not None:
             with torch.no_grad():
@@ -322,6 +344,26 @@ class Trainer:
         optimizer.step()
         strategy.after_step(task)
         return loss.detach(), output.detach().argmax(dim=1)
+
+    @staticmethod
+    def _closed_form_step(
+        closed: ClosedFormStep,
+        strategy: Strategy,
+        batch: Batch,
+        task: Task,
+        absent: Tensor | None,
+        optimizer: FitOptimizer,
+    ) -> tuple[Tensor, Tensor] | None:
+        """``_train_step`` with the gradients written out (None: this batch needs autograd)."""
+        optimizer.zero_grad(set_to_none=True)
+        done = closed(batch, task, absent)
+        if done is None:
+            return None
+        loss, logits = done
+        strategy.after_backward(task)
+        optimizer.step()
+        strategy.after_step(task)
+        return loss, logits.argmax(dim=1)
 
     @staticmethod
     def _check_finite(step_losses: Tensor, task: Task, epoch: int, bar: tqdm) -> None:

@@ -41,6 +41,7 @@ class GPM(Strategy):
 
     name = "gpm"
     graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs
+    closed_form_safe = True  # closed-form steps take each projected gradient from linear_gradient
     scenarios = ("task", "domain")
 
     def __init__(
@@ -88,6 +89,8 @@ class GPM(Strategy):
         self.projectors = [None] * count
         self.step_inputs: dict[int, Tensor | None] = {}
         self.step_out_grads: dict[int, Tensor] = {}
+        self.layer_index = {id(layer.module): i for i, layer in enumerate(self.layers)}
+        self.projected_in_step: set[int] = set()  # layers a closed-form step already projected
         for i, layer in enumerate(self.layers):
             if isinstance(layer.module, nn.Linear):
                 layer.module.register_forward_hook(partial(self._capture_factors, i))
@@ -109,6 +112,20 @@ class GPM(Strategy):
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         self.step_inputs[i] = x
         output.register_hook(lambda grad: self.step_out_grads.__setitem__(i, grad.reshape(-1, grad.shape[-1])))
+
+    def linear_gradient(self, layer: nn.Linear, inputs: Tensor, out_grad: Tensor) -> Tensor | None:
+        """Closed-form steps: a projected layer's gradient straight from its factors, as the hooked path
+        computes it in ``after_backward`` (which then leaves this layer alone)."""
+        i = self.layer_index.get(id(layer))
+        projector = None if i is None else self.projectors[i]
+        if projector is None:
+            return None
+        if self.layers[i].has_bias:
+            inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], dim=1)
+        grad = projector.orthogonal_from_factors(out_grad, inputs)
+        if grad is not None:
+            self.projected_in_step.add(i)
+        return grad
 
     def task_thresholds(self, task: Task) -> list[float]:
         """This task's energy thresholds: the base values plus the per-task increment, capped at 1."""
@@ -185,10 +202,11 @@ class GPM(Strategy):
     def clear_factors(self) -> None:
         self.step_inputs.clear()
         self.step_out_grads.clear()
+        self.projected_in_step.clear()
 
     def after_backward(self, task: Task) -> None:
         for i, (layer, projector) in enumerate(zip(self.layers, self.projectors, strict=True)):
-            if projector is None:
+            if projector is None or i in self.projected_in_step:
                 continue
             fast = self.orthogonal_gradient(i)
             if fast is not None and layer.module.weight.grad is not None:

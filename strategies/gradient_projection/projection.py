@@ -236,9 +236,17 @@ class Projector:
             return grad @ self.dense
         return (grad @ self.bases) @ self.bases.T
 
+    def orthogonal(self, grad: Tensor) -> Tensor:
+        """``grad`` minus its part inside the span, the subtraction fused into the last product."""
+        if self.dense is not None:
+            return torch.addmm(grad, grad, self.dense, alpha=-1)
+        return torch.addmm(grad, grad @ self.bases, self.bases.T, alpha=-1)
+
     def remove_(self, grad: Tensor) -> Tensor:
         """In place: ``grad`` minus its part inside the span."""
-        return grad.sub_(self.component(grad))
+        if self.dense is not None:
+            return grad.sub_(grad @ self.dense)
+        return grad.addmm_(grad @ self.bases, self.bases.T, alpha=-1)
 
     def orthogonal_from_factors(self, out_grad: Tensor, inputs: Tensor) -> Tensor | None:
         """``(delta^T X)(I - M M^T)`` computed as ``delta^T (X - X M M^T)`` for a linear layer whose weight
@@ -251,4 +259,4 @@ class Projector:
         if cost >= out * dim * min(2 * rank, dim):
             return None
         inputs, out_grad = inputs.to(self.bases.dtype), out_grad.to(self.bases.dtype)
-        return out_grad.T @ (inputs - self.component(inputs))
+        return out_grad.T @ self.orthogonal(inputs)

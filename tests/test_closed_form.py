@@ -1,0 +1,200 @@
+"""``trainer.closed_form``: an MLP's gradients written out must be autograd's, and training with them the
+same training (up to float rounding); where it cannot apply, ``auto`` steps aside and ``true`` says why."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from clbench.closed_form import ClosedFormStep, closed_form_obstacle, use_closed_form
+from clbench.models import MLP
+from clbench.strategy import Batch
+from clbench.trainer import Trainer
+from strategies.ewc import EWC
+from strategies.finetune import Finetune
+from strategies.gradient_projection import TRGP
+
+CPU = torch.device("cpu")
+
+
+def built(compose_cfg, overrides: list[str], strategy=None):
+    """A strategy set up on a small permuted (or given) stream with the configured MLP."""
+    cfg = compose_cfg(["stream=permuted_mnist5k", "stream.num_tasks=2", "stream.train_per_task=120", *overrides])
+    torch.manual_seed(0)
+    stream = instantiate(cfg.stream)
+    model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes)
+    strategy = strategy if strategy is not None else instantiate(cfg.strategy)
+    strategy.setup(model, stream)
+    return strategy, stream
+
+
+def autograd_grads(strategy, batch: Batch, absent=None) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    model = strategy.model
+    model.zero_grad(set_to_none=True)
+    output = strategy.forward(batch.x, batch.task_ids)
+    if absent is not None:
+        output = output.masked_fill(absent, torch.finfo(output.dtype).min)
+    loss = F.cross_entropy(output, batch.y)
+    loss.backward()
+    return loss.detach(), {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("scenario", ["domain", "task"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_written_out_gradients_are_autograds(compose_cfg, bias, scenario, masked):
+    strategy, stream = built(
+        compose_cfg,
+        [f"model.bias={str(bias).lower()}", "model.hidden=[32,16]", f"stream.scenario={scenario}"],
+        Finetune(),
+    )
+    task = stream.tasks[1]
+    chosen = task.train_index[:13]
+    batch = Batch(stream.inputs("train", chosen, task.id), task.train_targets[:13], task.id, chosen)
+    absent = None
+    if masked:  # SCoLe's group masking: absent classes' logits pushed to the minimum
+        absent = torch.zeros(stream.head_sizes[0], dtype=torch.bool)
+        absent[[c for c in range(stream.head_sizes[0]) if c not in set(batch.y.tolist())][:3]] = True
+    loss, expected = autograd_grads(strategy, batch, absent)
+    strategy.model.zero_grad(set_to_none=True)
+    closed_loss, logits = ClosedFormStep(strategy.model, strategy)(batch, task, absent)
+    assert closed_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert logits.shape == (13, stream.head_sizes[task.id if scenario == "task" else 0])
+    for name, param in strategy.model.named_parameters():
+        if expected[name] is None:  # other tasks' heads: untouched, as by autograd
+            assert param.grad is None, name
+        else:
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert any(expected[n] is None for n in expected) == (scenario == "task")
+
+
+def test_mixed_task_batches_with_task_heads_are_left_to_autograd(compose_cfg):
+    strategy, stream = built(compose_cfg, ["stream.scenario=task"], Finetune())
+    task = stream.tasks[0]
+    chosen = task.train_index[:4]
+    batch = Batch(stream.inputs("train", chosen, 0), task.train_targets[:4], torch.tensor([0, 1, 0, 1]), chosen)
+    assert ClosedFormStep(strategy.model, strategy)(batch, task, None) is None
+
+
+def fitted(strategy, stream, closed_form: bool | str, tasks=(0, 1)) -> tuple[list[torch.Tensor], Trainer]:
+    trainer = Trainer(progress=False, batch_size=10, epochs=2, lr=0.05, momentum=0.5, closed_form=closed_form)
+    trainer.attach(stream, 0)
+    torch.manual_seed(1)  # GPM draws its representation samples from the global generator
+    for t in tasks:
+        strategy.fit_task(stream.tasks[t], trainer)
+        strategy.after_task(stream.tasks[t])
+    return [p.detach().clone() for p in strategy.model.parameters()], trainer
+
+
+@pytest.mark.parametrize("name", ["finetune", "gpm"])
+def test_training_with_written_out_gradients_is_autograd_training(compose_cfg, name):
+    """Two tasks (GPM projects the second against the first's bases through linear_gradient): the same
+    parameters as autograd steps, from the same start and batches, up to float rounding."""
+    overrides = [f"strategy={name}", "model.hidden=[32,16]", "model.bias=false"]
+    if name == "gpm":
+        overrides += ["strategy.num_samples=60", "strategy.threshold=[0.9,0.95,0.95]"]
+    strategy, stream = built(compose_cfg, overrides)
+    twin = copy.deepcopy(strategy)
+    closed, trainer = fitted(strategy, stream, closed_form=True)
+    eager, eager_trainer = fitted(twin, stream, closed_form=False)
+    assert trainer.closed_form_steps == [24, 24] and eager_trainer.closed_form_steps == [0, 0]
+    for a, b in zip(closed, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    if name == "gpm":  # the second task's update really was projected: old inputs keep their outputs
+        assert strategy.bases[0] is not None and strategy.step_inputs == {}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rank", [10, 2])
+def test_gpm_projects_from_the_factors_or_in_after_backward_never_twice(compose_cfg, monkeypatch, bias, rank):
+    """Rank 10 of 32 at batch 6: projecting the factors is cheaper, done in linear_gradient; rank 2: the
+    formed gradient is projected in after_backward. Either way once, and as the hooked autograd path."""
+    strategy, stream = built(compose_cfg, ["strategy=gpm", "model.hidden=[32,16]", f"model.bias={str(bias).lower()}"])
+    strategy.bases[1] = torch.linalg.qr(torch.randn(strategy.layers[1].dim, rank))[0]
+    strategy.refresh_projectors()
+    task = stream.tasks[0]
+    chosen = task.train_index[:6]
+    batch = Batch(stream.inputs("train", chosen, 0), task.train_targets[:6], 0, chosen)
+    twin = copy.deepcopy(strategy)
+    _, unprojected = autograd_grads(twin, batch)
+    twin.after_backward(task)  # the hooked path: factors caught by hooks, projected here
+    ClosedFormStep(strategy.model, strategy)(batch, task, None)
+    factored = rank == 10
+    assert strategy.projected_in_step == ({1} if factored else set())
+    projector, calls = strategy.projectors[1], []
+    original = projector.remove_
+    monkeypatch.setattr(projector, "remove_", lambda grad: calls.append(1) or original(grad))
+    strategy.after_backward(task)
+    assert len(calls) == (0 if factored else 1) and strategy.projected_in_step == set()
+    grad = strategy.layers[1].grad_matrix()
+    assert (grad @ strategy.bases[1]).abs().max() < 1e-5  # projected off the stored basis
+    for mine, theirs in zip(strategy.model.parameters(), twin.model.parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6)
+    name = f"{strategy.layers[1].name}.weight"
+    assert not torch.allclose(strategy.layers[1].module.weight.grad, unprojected[name])
+
+
+def test_auto_applies_on_a_cpu_to_declared_strategies_and_mlps_only(compose_cfg):
+    strategy, _ = built(compose_cfg, [], Finetune())
+    model = strategy.model
+    assert use_closed_form("auto", model, strategy, CPU, amp=None, compiled=False)
+    assert not use_closed_form("auto", model, strategy, torch.device("cuda"), amp=None, compiled=False)
+    assert not use_closed_form("auto", model, strategy, CPU, amp="bf16", compiled=False)
+    assert not use_closed_form("auto", model, strategy, CPU, amp=None, compiled=True)
+    assert not use_closed_form("auto", model, EWC(), CPU, amp=None, compiled=False)  # its loss adds a penalty
+    assert not use_closed_form("auto", model, TRGP(), CPU, amp=None, compiled=False)  # scaled weights, not GPM's
+    assert not use_closed_form(False, model, strategy, CPU, amp=None, compiled=False)
+
+
+def test_closed_form_is_not_inherited_and_needs_the_base_loss():
+    class Tweaked(Finetune):
+        name = "tweaked"
+
+    class Penalised(Finetune):
+        name = "penalised"
+        closed_form_safe = True
+
+        def loss(self, output, y, batch, task):
+            return super().loss(output, y, batch, task) + 1.0
+
+    model = MLP([1, 4, 4], [3], hidden=[5])
+    assert "does not declare closed_form_safe" in closed_form_obstacle(model, Tweaked(), None, False)
+    assert "overrides its loss" in closed_form_obstacle(model, Penalised(), None, False)
+
+
+def test_models_other_than_plain_mlps_are_refused():
+    class Dropping(MLP):
+        pass
+
+    plain = MLP([1, 4, 4], [3], hidden=[5])
+    assert closed_form_obstacle(plain, Finetune(), None, False) is None
+    assert "not clbench's MLP" in closed_form_obstacle(Dropping([1, 4, 4], [3]), Finetune(), None, False)
+    plain.body.append(torch.nn.Dropout(0.5))
+    assert "other than Flatten, Linear and ReLU" in closed_form_obstacle(plain, Finetune(), None, False)
+
+
+def test_true_names_why_it_cannot_apply(compose_cfg):
+    strategy, stream = built(compose_cfg, ["strategy=ewc"])
+    trainer = Trainer(progress=False, closed_form=True)
+    trainer.attach(stream, 0)
+    with pytest.raises(ValueError, match=r"closed_form=true cannot apply: strategy 'ewc' does not declare.*=false"):
+        trainer.fit(strategy, [stream.tasks[0]])
+    with pytest.raises(ValueError, match="use auto, true or false"):
+        Trainer(closed_form="yes")
+
+
+def test_runner_records_the_closed_form_steps_and_keeps_the_run_id(run_tiny, tmp_path):
+    base = ["stream=split_digits", "model=mlp", "strategy=finetune"]
+    closed = run_tiny(base, tmp_path / "closed")
+    autograd = run_tiny([*base, "trainer.closed_form=false"], tmp_path / "autograd")
+    assert all(n > 0 for n in closed["timings"]["closed_form_steps"])
+    assert autograd["timings"]["closed_form_steps"] == [0] * len(autograd["acc_matrix"])
+    # a speed switch, not a new experiment: the same run id
+    assert Path(closed["paths"]["result"]).parent.name == Path(autograd["paths"]["result"]).parent.name
+    for a, b in zip(closed["acc_matrix"], autograd["acc_matrix"], strict=True):
+        assert a == pytest.approx(b, abs=1.0)
