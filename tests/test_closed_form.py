@@ -111,9 +111,9 @@ def test_training_with_written_out_gradients_is_autograd_training(compose_cfg, n
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rank", [10, 2])
-def test_gpm_projects_from_the_factors_or_in_after_backward_never_twice(compose_cfg, monkeypatch, bias, rank):
-    """Rank 10 of 32 at batch 6: projecting the factors is cheaper, done in linear_gradient; rank 2: the
-    formed gradient is projected in after_backward. Either way once, and as the hooked autograd path."""
+def test_gpm_projects_each_gradient_in_the_step_and_after_backward_leaves_it(compose_cfg, monkeypatch, bias, rank):
+    """Rank 10 of 32 at batch 6: projecting the factors is cheaper; rank 2: projecting the formed
+    gradient. Either way linear_gradient does it, once, and as the hooked autograd path would."""
     strategy, stream = built(compose_cfg, ["strategy=gpm", "model.hidden=[32,16]", f"model.bias={str(bias).lower()}"])
     strategy.bases[1] = torch.linalg.qr(torch.randn(strategy.layers[1].dim, rank))[0]
     strategy.refresh_projectors()
@@ -124,13 +124,12 @@ def test_gpm_projects_from_the_factors_or_in_after_backward_never_twice(compose_
     _, unprojected = autograd_grads(twin, batch)
     twin.after_backward(task)  # the hooked path: factors caught by hooks, projected here
     ClosedFormStep(strategy.model, strategy)(batch, task, None)
-    factored = rank == 10
-    assert strategy.projected_in_step == ({1} if factored else set())
+    assert strategy.projected_in_step == {1}
     projector, calls = strategy.projectors[1], []
     original = projector.remove_
     monkeypatch.setattr(projector, "remove_", lambda grad: calls.append(1) or original(grad))
     strategy.after_backward(task)
-    assert len(calls) == (0 if factored else 1) and strategy.projected_in_step == set()
+    assert calls == [] and strategy.projected_in_step == set()
     grad = strategy.layers[1].grad_matrix()
     assert (grad @ strategy.bases[1]).abs().max() < 1e-5  # projected off the stored basis
     for mine, theirs in zip(strategy.model.parameters(), twin.model.parameters(), strict=True):

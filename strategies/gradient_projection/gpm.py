@@ -114,8 +114,9 @@ class GPM(Strategy):
         output.register_hook(lambda grad: self.step_out_grads.__setitem__(i, grad.reshape(-1, grad.shape[-1])))
 
     def linear_gradient(self, layer: nn.Linear, inputs: Tensor, out_grad: Tensor) -> Tensor | None:
-        """Closed-form steps: a projected layer's gradient straight from its factors, as the hooked path
-        computes it in ``after_backward`` (which then leaves this layer alone)."""
+        """Closed-form steps: a projected layer's gradient, from its factors or formed and then projected
+        (whichever is fewer operations), as the hooked path computes it in ``after_backward`` (which then
+        leaves this layer alone)."""
         i = self.layer_index.get(id(layer))
         projector = None if i is None else self.projectors[i]
         if projector is None:
@@ -123,8 +124,9 @@ class GPM(Strategy):
         if self.layers[i].has_bias:
             inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], dim=1)
         grad = projector.orthogonal_from_factors(out_grad, inputs)
-        if grad is not None:
-            self.projected_in_step.add(i)
+        if grad is None:  # projecting the formed gradient is fewer operations here (large batch, wide basis)
+            grad = projector.orthogonal(out_grad.to(projector.bases.dtype).T @ inputs.to(projector.bases.dtype))
+        self.projected_in_step.add(i)
         return grad
 
     def task_thresholds(self, task: Task) -> list[float]:
