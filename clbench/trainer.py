@@ -220,15 +220,7 @@ class Trainer:
             )
         trained = list(strategy.parameters(current) if params is None else params)
         self._recording = use_graphs(self.cuda_graphs, strategy, stream.device, self.compile is not None)
-        closed = None
-        if strategy.model is not None and use_closed_form(
-            self.closed_form, strategy.model, strategy, stream.device, self.amp, self.compile is not None
-        ):
-            if self._recording:
-                raise ValueError(
-                    "trainer.closed_form=true and CUDA-graph steps cannot be combined: set trainer.cuda_graphs=false"
-                )
-            closed = ClosedFormStep(strategy.model, strategy)
+        closed = self._closed_form_for(strategy)
         closed_steps = 0
         optimizer = self._fit_optimizer(trained)
         lr, patience, best_loss = self.lr, self.lr_patience, math.inf
@@ -344,6 +336,23 @@ class Trainer:
         optimizer.step()
         strategy.after_step(task)
         return loss.detach(), output.detach().argmax(dim=1)
+
+    def _closed_form_for(self, strategy: Strategy) -> ClosedFormStep | None:
+        """This fit's closed-form step, or None for autograd steps. Recorded CUDA-graph steps take its place
+        on a GPU (``auto`` steps aside; ``true`` is an error)."""
+        assert self.stream is not None
+        model = strategy.model
+        if model is None or not use_closed_form(
+            self.closed_form, model, strategy, self.stream.device, self.amp, self.compile is not None
+        ):
+            return None
+        if self._recording:
+            if self.closed_form is True:
+                raise ValueError(
+                    "trainer.closed_form=true and CUDA-graph steps cannot be combined: set trainer.cuda_graphs=false"
+                )
+            return None
+        return ClosedFormStep(model, strategy)
 
     @staticmethod
     def _closed_form_step(

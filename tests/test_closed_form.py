@@ -197,3 +197,19 @@ def test_runner_records_the_closed_form_steps_and_keeps_the_run_id(run_tiny, tmp
     assert Path(closed["paths"]["result"]).parent.name == Path(autograd["paths"]["result"]).parent.name
     for a, b in zip(closed["acc_matrix"], autograd["acc_matrix"], strict=True):
         assert a == pytest.approx(b, abs=1.0)
+
+
+def test_closed_form_and_recorded_steps_are_not_combined(compose_cfg, monkeypatch):
+    """On a GPU, whole-step CUDA graphs take the place of closed-form steps; demanding both is an error
+    (checked here with the recording decision forced, as a CPU cannot record)."""
+    strategy, stream = built(compose_cfg, [], Finetune())
+    monkeypatch.setattr("clbench.trainer.use_graphs", lambda *args: True)
+    trainer = Trainer(progress=False, closed_form=True)
+    trainer.attach(stream, 0)
+    with pytest.raises(ValueError, match=r"cannot be combined: set trainer\.cuda_graphs=false"):
+        trainer.fit(strategy, [stream.tasks[0]])
+    automatic = Trainer(progress=False)  # closed_form=auto steps aside for recorded steps
+    automatic.attach(stream, 0)
+    assert automatic._closed_form_for(strategy) is not None
+    automatic._recording = True
+    assert automatic._closed_form_for(strategy) is None
