@@ -10,7 +10,9 @@ Four measurements, each side by side in one invocation on the same machine (the 
                result.json and its checkpoint, as the Avalanche script writes nothing).
 ``overhead``   in one process: clbench's training time (``timings.fit_s``) vs a hand-written PyTorch loop
                doing the same steps (same per-epoch shuffles from the same generator, same batches, same
-               model and initialisation) and the same evaluation of R.
+               model and initialisation) and the same evaluation of R. On a CPU clbench runs twice: its
+               default (closed-form gradients) and ``trainer.closed_form=false`` (autograd, as the bare
+               loop), which isolates the harness's own overhead.
 ``eval``       the share of a run's time spent filling R for T = 20 tasks (random-init row included), in
                fp32, fp32 without the evaluation-input cache, and with ``trainer.eval_amp=bf16``.
 ``memory``     peak resident memory of a run on 2 vs 100 permuted tasks (each in its own process).
@@ -291,6 +293,8 @@ def bench_overhead(args: argparse.Namespace, work: Path) -> list[str]:
     setups = {"clbench": []}
     if args.device.startswith("cuda"):
         setups["clbench trainer.cuda_graphs=false"] = ["trainer.cuda_graphs=false"]
+    else:  # the default's closed-form steps vs the bare loop's autograd ones; this one runs autograd as it does
+        setups["clbench trainer.closed_form=false"] = ["trainer.closed_form=false"]
     for repeat in range(args.repeats):
         bare = bare_loop(args.seed, args.device)
         for label, extra in setups.items():
