@@ -107,10 +107,7 @@ class GPM(Strategy):
             self.step_inputs[i] = None
             return
         x = inputs[0].detach()
-        x = x.reshape(-1, x.shape[-1])
-        if self.layers[i].has_bias:
-            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        self.step_inputs[i] = x
+        self.step_inputs[i] = self.layers[i].factor_inputs(x.reshape(-1, x.shape[-1]))
         output.register_hook(lambda grad: self.step_out_grads.__setitem__(i, grad.reshape(-1, grad.shape[-1])))
 
     def linear_gradient(self, layer: nn.Linear, inputs: Tensor, out_grad: Tensor) -> Tensor | None:
@@ -121,8 +118,7 @@ class GPM(Strategy):
         projector = None if i is None else self.projectors[i]
         if projector is None:
             return None
-        if self.layers[i].has_bias:
-            inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], dim=1)
+        inputs = self.layers[i].factor_inputs(inputs)
         grad = projector.orthogonal_from_factors(out_grad, inputs)
         if grad is None:  # projecting the formed gradient is fewer operations here (large batch, wide basis)
             grad = projector.orthogonal(out_grad.to(projector.bases.dtype).T @ inputs.to(projector.bases.dtype))

@@ -48,6 +48,13 @@ class ConstrainedLayer:
         bias = self.module.bias if bias is None else bias
         return torch.cat([flat, bias.unsqueeze(1)], dim=1)
 
+    def factor_inputs(self, inputs: Tensor) -> Tensor:
+        """A step's layer inputs ``[N, in]`` as rows of the gradient's ``d`` columns: a constant 1 appended
+        for the bias, so that ``out_grad^T`` times them is the ``[out, d]`` gradient matrix."""
+        if not self.has_bias:
+            return inputs
+        return torch.cat([inputs, torch.ones_like(inputs[:, :1])], dim=1)
+
     def grad_matrix(self) -> Tensor | None:
         """The current gradient as ``[out, d]``; a view of ``weight.grad`` when there is no bias."""
         weight, bias = self.module.weight, self.module.bias
