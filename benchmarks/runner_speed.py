@@ -17,7 +17,7 @@ Four measurements, each side by side in one invocation on the same machine (the 
                fp32, fp32 without the evaluation-input cache, and with ``trainer.eval_amp=bf16``.
 ``memory``     peak resident memory of a run on 2 vs 100 permuted tasks (each in its own process).
 
-    python benchmarks/runner_speed.py all                 # CPU, ~7 min on 2 cores
+    python benchmarks/runner_speed.py all                 # CPU, ~8 min on 2 cores
     python benchmarks/runner_speed.py all --device cuda   # the same on a GPU
 
 Results go to stdout and to ``benchmarks/results/runner_speed_<device>.md``.
