@@ -130,7 +130,7 @@ class ClosedFormStep:
         for depth in range(len(layers) - 1, -1, -1):
             module, weight, bias = layers[depth]
             inputs = activations[depth]
-            given = self.strategy.linear_gradient(module, inputs, delta) if self.custom_gradients else None
+            given = self.strategy.linear_gradient(module, inputs, delta, batch) if self.custom_gradients else None
             if given is not None:
                 weight.grad = given if bias is None else given[:, :-1].contiguous()
                 if bias is not None:

@@ -94,6 +94,7 @@ def _experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
         "eval_cache_mb",
         "cuda_graphs",
         "closed_form",
+        "block_threads",
         "graph_warmup_steps",
     )
     trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in result_neutral}

@@ -38,6 +38,7 @@ class Batch:
     y: Tensor
     task_ids: TaskIds
     index: Tensor
+    aux: Tensor | None = None  # this batch's rows of what the strategy's prepare_block returned, if anything
 
 
 class Strategy:
@@ -114,7 +115,14 @@ class Strategy:
     def after_backward(self, task: Task) -> None:
         """Gradient surgery before the optimizer step (projections)."""
 
-    def linear_gradient(self, layer: nn.Linear, inputs: Tensor, out_grad: Tensor) -> Tensor | None:
+    def prepare_block(self, x: Tensor, task: Task) -> Tensor | None:
+        """Closed-form steps only: called once per block of prepared training inputs (``trainer.prefetch_mb``)
+        with the whole block ``x``; a per-sample tensor returned here reaches each step as its rows in
+        ``batch.aux``. For work that depends on the inputs alone (not on the parameters), which runs far
+        faster as one large operation than batch by batch (GPM: the first layer's projected inputs)."""
+        return None
+
+    def linear_gradient(self, layer: nn.Linear, inputs: Tensor, out_grad: Tensor, batch: Batch) -> Tensor | None:
         """Closed-form steps only (``trainer.closed_form``): ``layer``'s input ``[B, in]`` and the loss's
         gradient with respect to its output ``[B, out]``, whose product ``out_grad^T inputs`` is the
         weight gradient. A strategy may return the ``[out, in]`` gradient to use instead (``[out, in + 1]``

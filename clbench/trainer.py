@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +84,7 @@ class Trainer:
     graph_warmup_steps: int = 3
     eval_cache_mb: float = 64.0
     closed_form: bool | str = "auto"
+    block_threads: int | str | None = None
     epoch_losses: list[list[float]] = field(default_factory=list)
     epoch_accuracies: list[list[float]] = field(default_factory=list)
     val_losses: list[list[float]] = field(default_factory=list)
@@ -116,6 +118,14 @@ class Trainer:
         for key in ("cuda_graphs", "closed_form"):
             if getattr(self, key) not in (True, False, "auto"):
                 raise ValueError(f"unknown trainer.{key} {getattr(self, key)!r}: use auto, true or false")
+        if (
+            self.block_threads is not None
+            and self.block_threads != "auto"
+            and (not isinstance(self.block_threads, int) or self.block_threads < 1)
+        ):
+            raise ValueError(
+                f"trainer.block_threads must be null, auto or a thread count >= 1, got {self.block_threads!r}"
+            )
         if self.eval_cache_mb < 0:
             raise ValueError(f"trainer.eval_cache_mb must be >= 0 (0: no cache), got {self.eval_cache_mb}")
         if self.graph_warmup_steps < 1:
@@ -153,6 +163,26 @@ class Trainer:
         assert self.stream is not None
         # a recorded step must not keep autocast's cast-weight cache (it would outlive the capture)
         return torch.autocast(self.stream.device.type, dtype=AMP_DTYPES[amp], cache_enabled=not self._recording)
+
+    @contextlib.contextmanager
+    def block_threading(self) -> Iterator[None]:
+        """CPU threads for preparing a block of training inputs (``block_threads``): the block's transforms
+        (and a strategy's ``prepare_block``) are large operations that split well over cores, while
+        tiny-batch steps may run fastest on one thread (``cpu_threads=1``). ``auto``: every core this
+        process may use; null: the steps' own setting."""
+        if self.block_threads is None or self.stream is None or self.stream.device.type != "cpu":
+            yield
+            return
+        if self.block_threads == "auto":
+            wanted = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        else:
+            wanted = int(self.block_threads)
+        steps_threads = torch.get_num_threads()
+        torch.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(steps_threads)
 
     def model_inputs(self, split: str, index: Tensor, task_ids: int | Tensor) -> Tensor:
         """``stream.inputs`` in the memory format the trainer was asked for."""
@@ -269,9 +299,12 @@ class Trainer:
                     block_start = step * self.batch_size
                     block = slice(block_start, block_start + block_steps * self.batch_size)
                     block_ids = epoch_ids if isinstance(epoch_ids, int) else epoch_ids[block]
-                    block_x = self.model_inputs("train", epoch_index[block], block_ids)
-                x = block_x[chosen.start - block_start : chosen.stop - block_start]
-                batch = Batch(x, epoch_targets[chosen], batch_ids, batch_index)
+                    with self.block_threading():
+                        block_x = self.model_inputs("train", epoch_index[block], block_ids)
+                        block_aux = None if closed is None else strategy.prepare_block(block_x, current)
+                rows = slice(chosen.start - block_start, chosen.stop - block_start)
+                aux = None if block_aux is None else block_aux[rows]
+                batch = Batch(block_x[rows], epoch_targets[chosen], batch_ids, batch_index, aux)
                 if graphed is None:
                     loss, predicted = step_fn(batch)
                 else:

@@ -213,3 +213,68 @@ def test_closed_form_and_recorded_steps_are_not_combined(compose_cfg, monkeypatc
     assert automatic._closed_form_for(strategy) is not None
     automatic._recording = True
     assert automatic._closed_form_for(strategy) is None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpm_projects_the_first_layers_inputs_once_per_block(compose_cfg, monkeypatch, bias):
+    """The first layer's inputs are the data: their projection is made for a whole block in
+    prepare_block, and a step's gradient from its rows is the one projected step by step."""
+    strategy, stream = built(compose_cfg, ["strategy=gpm", "model.hidden=[32,16]", f"model.bias={str(bias).lower()}"])
+    strategy.bases[0] = torch.linalg.qr(torch.randn(strategy.layers[0].dim, 40))[0]
+    strategy.refresh_projectors()
+    task = stream.tasks[1]
+    block_index = task.train_index[:30]
+    block = stream.inputs("train", block_index, task.id)
+    aux = strategy.prepare_block(block, task)
+    assert aux is not None and aux.shape == (30, strategy.layers[0].dim)
+    rows = slice(10, 16)
+    batch = Batch(block[rows], task.train_targets[rows], task.id, block_index[rows], aux[rows])
+    plain = Batch(block[rows], task.train_targets[rows], task.id, block_index[rows])
+    twin = copy.deepcopy(strategy)
+    ClosedFormStep(strategy.model, strategy)(batch, task, None)
+    ClosedFormStep(twin.model, twin)(plain, task, None)
+    assert strategy.projected_in_step == twin.projected_in_step == {0}
+    for mine, theirs in zip(strategy.model.parameters(), twin.model.parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6)
+    # and through the trainer: every block of a projected task is prepared, every step reads its rows
+    used = []
+    original = strategy.linear_gradient
+    monkeypatch.setattr(strategy, "linear_gradient", lambda *a: used.append(a[3].aux is not None) or original(*a))
+    trainer = Trainer(progress=False, batch_size=10, epochs=1, closed_form=True)
+    trainer.attach(stream, 0)
+    trainer.fit(strategy, [task])
+    assert trainer.closed_form_steps == [12] and used.count(True) == 12 * len(strategy.layers)
+
+
+def test_no_block_projection_without_a_first_layer_basis_or_an_mlp(compose_cfg):
+    strategy, stream = built(compose_cfg, ["strategy=gpm", "model.hidden=[32,16]"])
+    task = stream.tasks[0]
+    block = stream.inputs("train", task.train_index[:8], task.id)
+    assert strategy.prepare_block(block, task) is None  # no basis yet
+    strategy.bases[0] = torch.linalg.qr(torch.randn(strategy.layers[0].dim, 4))[0]
+    strategy.refresh_projectors()
+    assert strategy.prepare_block(block, task) is not None
+    strategy.layers, strategy.bases = strategy.layers[1:], strategy.bases[1:]  # the first projected layer
+    strategy.bases[0] = torch.linalg.qr(torch.randn(strategy.layers[0].dim, 4))[0]  # no longer sees the data
+    strategy.refresh_projectors()
+    strategy.__dict__.pop("takes_raw_inputs", None)
+    assert strategy.prepare_block(block, task) is None
+
+
+def test_block_threads_apply_to_block_preparation_and_are_restored(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    trainer = Trainer(progress=False, block_threads="auto")
+    trainer.stream = type("S", (), {"device": CPU})()
+    with trainer.block_threading():
+        assert calls == [3]
+    assert calls == [3, 1]
+    trainer.block_threads = None
+    with trainer.block_threading():
+        pass
+    assert calls == [3, 1]
+    for bad in (0, "many", 1.5):
+        with pytest.raises(ValueError, match="block_threads must be null, auto or a thread count"):
+            Trainer(block_threads=bad)
