@@ -9,7 +9,7 @@ pass is a handful of matrix products that can be written down directly:
     grad W_l = delta_l^T h_{l-1},  grad b_l = sum_rows(delta_l),  delta_{l-1} = (delta_l W_l) * [h_{l-1} > 0]
 
 At batch 10 (GPM's PMNIST protocol, MLP 784-100-100-10) the hand-written step takes about a third less
-time than the autograd one on this project's 2-core CPU (155 vs 246 us per step without projection,
+time than the autograd one on this project's 2-core CPU (152 vs 237 us per step without projection,
 ``benchmarks/results/gpm_step_floor.md``). The step leaves ``.grad`` of every parameter the forward used,
 exactly as ``loss.backward()`` after ``zero_grad(set_to_none=True)`` would (up to float rounding), so the
 strategy's ``after_backward`` / ``after_step`` and the optimizer run unchanged.
