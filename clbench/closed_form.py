@@ -38,15 +38,9 @@ from clbench.streams import Task
 BODY_TYPES = (nn.Flatten, nn.Linear, nn.ReLU)
 
 
-def declares_closed_form_safe(strategy: Strategy) -> bool:
-    """Whether the strategy's own class declares ``closed_form_safe = True`` (not inherited: a subclass
-    that changes the loss or forward pass breaks what its parent promised)."""
-    return bool(type(strategy).__dict__.get("closed_form_safe", False))
-
-
 def closed_form_obstacle(model: ContinualModel, strategy: Strategy, amp: str | None, compiled: bool) -> str | None:
     """Why a closed-form step cannot train ``model`` with ``strategy`` (None: it can)."""
-    if not declares_closed_form_safe(strategy):
+    if not strategy.declares("closed_form_safe"):
         return f"strategy {strategy.name!r} does not declare closed_form_safe"
     if type(strategy).loss is not Strategy.loss or type(strategy).forward is not Strategy.forward:
         return f"strategy {strategy.name!r} overrides its loss or forward pass"

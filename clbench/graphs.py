@@ -36,9 +36,8 @@ def warmup_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def declares_graph_safe(strategy: Strategy) -> bool:
-    """Whether the strategy's own class declares ``graph_safe = True``. Not inherited: a subclass that
-    changes a step hook may break what its parent's declaration promised."""
-    return bool(type(strategy).__dict__.get("graph_safe", False))
+    """Whether the strategy's own class declares ``graph_safe = True`` (see :meth:`Strategy.declares`)."""
+    return strategy.declares("graph_safe")
 
 
 def use_graphs(setting: bool | str, strategy: Strategy, device: torch.device, compiled: bool) -> bool:

@@ -62,6 +62,13 @@ class Strategy:
     graph_safe: ClassVar[bool] = False
     closed_form_safe: ClassVar[bool] = False
 
+    @classmethod
+    def declares(cls, flag: str) -> bool:
+        """Whether this very class sets the class attribute ``flag`` (``graph_safe``, ``closed_form_safe``)
+        to True. Not inherited: a subclass that changes a hook or the loss may break what its parent's
+        declaration promised."""
+        return bool(cls.__dict__.get(flag, False))
+
     def __init__(self) -> None:
         self.model: ContinualModel | None = None
         self.stream: Stream | None = None

@@ -4,7 +4,7 @@ Learning", ICLR 2021; official code github.com/sahagobinda/GPM)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cached_property, partial
+from functools import partial
 from typing import Any
 
 import torch
@@ -120,7 +120,7 @@ class GPM(Strategy):
         inputs = self.layers[0].factor_inputs(x.flatten(1).to(projector.bases.dtype))
         return projector.orthogonal(inputs)
 
-    @cached_property
+    @property
     def takes_raw_inputs(self) -> bool:
         """Whether the first projected layer is fed the flattened model input itself (clbench's MLP)."""
         model = self.model
