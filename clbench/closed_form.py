@@ -12,7 +12,8 @@ At batch 10 (GPM's PMNIST protocol, MLP 784-100-100-10) the hand-written step ta
 time than the autograd one on this project's 2-core CPU (152 vs 237 us per step without projection,
 ``benchmarks/results/gpm_step_floor.md``). The step leaves ``.grad`` of every parameter the forward used,
 exactly as ``loss.backward()`` after ``zero_grad(set_to_none=True)`` would (up to float rounding), so the
-strategy's ``after_backward`` / ``after_step`` and the optimizer run unchanged.
+strategy's ``after_backward`` / ``after_step`` and the optimizer run unchanged (under ``torch.no_grad``: the
+trainer runs a closed-form fit's whole step loop without autograd, saving two grad-mode switches a step).
 
 A strategy opts in with ``closed_form_safe = True`` in its own class (not inherited) when its training
 loss is ``Strategy.loss`` (cross-entropy) on ``Strategy.forward`` (the model's own forward) and its
@@ -33,7 +34,6 @@ from torch import Tensor, nn
 from clbench.models.heads import ContinualModel
 from clbench.models.mlp import MLP
 from clbench.strategy import Batch, Strategy
-from clbench.streams import Task
 
 BODY_TYPES = (nn.Flatten, nn.Linear, nn.ReLU)
 
@@ -78,25 +78,32 @@ def use_closed_form(
 class ClosedFormStep:
     """The forward pass and gradients of ``model`` (a :class:`MLP`) on one batch under cross-entropy.
 
-    ``__call__`` returns the loss and the logits (both without autograd history) after writing the
-    gradients; ``None`` where the batch mixes tasks with per-task heads (the caller then takes the
-    autograd step). Built per ``fit``: it keeps the layers' parameter tensors (updated in place by the
-    optimizer) to spare the module attribute lookups in every step."""
+    Built per ``fit`` by :meth:`for_fit` with the fit's head resolved once (a fit whose batches mix tasks
+    with per-task heads has no single head: it takes autograd steps). It keeps the layers' parameter
+    tensors (updated in place by the optimizer) to spare module attribute lookups in every step.
+    ``__call__`` writes the gradients and returns the logits (no autograd history). It computes no loss:
+    the trainer reads each step's cross-entropy and prediction back from the kept logits once per block of
+    steps, in a few large operations instead of five small ones per step."""
 
     model: MLP
     strategy: Strategy
+    head: tuple[nn.Linear, Tensor, Tensor | None]
 
     def __post_init__(self) -> None:
         self.body = [(m, m.weight, m.bias) for m in self.model.body if isinstance(m, nn.Linear)]
-        self.heads = [(m, m.weight, m.bias) for m in self.model.heads.heads]
+        self.layers = [*self.body, self.head]
         self.custom_gradients = type(self.strategy).linear_gradient is not Strategy.linear_gradient
         self._minus_one: dict[tuple[int, torch.device], Tensor] = {}
 
-    def head(self, task_ids: int | Tensor) -> tuple[nn.Linear, Tensor, Tensor | None] | None:
-        chosen = self.strategy.head_ids(task_ids) if len(self.heads) > 1 else None
+    @classmethod
+    def for_fit(cls, model: MLP, strategy: Strategy, task_ids: int | Tensor) -> ClosedFormStep | None:
+        """The step for a fit on ``task_ids`` (an int, or every sample's id); None where those batches would
+        mix tasks with per-task heads (then no single head is trained)."""
+        heads = [(m, m.weight, m.bias) for m in model.heads.heads]
+        chosen = strategy.head_ids(task_ids) if len(heads) > 1 else None
         if chosen is None:
-            return self.heads[0]
-        return self.heads[chosen] if isinstance(chosen, int) else None
+            return cls(model, strategy, heads[0])
+        return cls(model, strategy, heads[chosen]) if isinstance(chosen, int) else None
 
     def minus_one(self, rows: int, device: torch.device) -> Tensor:
         """A cached ``[rows, 1]`` column of -1 (subtracts the one-hot target in one scatter)."""
@@ -105,22 +112,27 @@ class ClosedFormStep:
             self._minus_one[key] = torch.full((rows, 1), -1.0, device=device)
         return self._minus_one[key]
 
-    @torch.no_grad()
-    def __call__(self, batch: Batch, task: Task, absent: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        head = self.head(batch.task_ids)
-        if head is None:
-            return None
-        layers = [*self.body, head]
+    def __call__(self, batch: Batch, absent: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+        """Write the gradients of the mean cross-entropy on ``batch`` (logits of ``absent`` classes pushed
+        to the minimum, as the trainer's autograd step does) into ``.grad``; return the logits, written
+        into ``out`` when given. Runs without autograd whether or not the caller disabled it."""
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self._step(batch, absent, out)
+        return self._step(batch, absent, out)
+
+    def _step(self, batch: Batch, absent: Tensor | None, out: Tensor | None) -> Tensor:
+        layers = self.layers
         activations = [batch.x.flatten(1)]  # each layer's input
         for _, weight, bias in self.body:
             activations.append(F.linear(activations[-1], weight, bias).relu_())
-        logits = F.linear(activations[-1], head[1], head[2])
+        logits = F.linear(activations[-1], self.head[1], self.head[2])
         if absent is not None:
-            logits = logits.masked_fill(absent, torch.finfo(logits.dtype).min)
+            logits.masked_fill_(absent, torch.finfo(logits.dtype).min)
+        if out is not None:
+            logits = out.copy_(logits)
         rows, target = batch.y.shape[0], batch.y.unsqueeze(1)
-        log_probs = logits.log_softmax(dim=1)
-        loss = log_probs.gather(1, target).mean().neg_()
-        delta = log_probs.exp_().scatter_add_(1, target, self.minus_one(rows, logits.device)).div_(rows)
+        delta = logits.softmax(dim=1).scatter_add_(1, target, self.minus_one(rows, logits.device)).div_(rows)
         for depth in range(len(layers) - 1, -1, -1):
             module, weight, bias = layers[depth]
             inputs = activations[depth]
@@ -136,4 +148,4 @@ class ClosedFormStep:
                     bias.grad = delta.sum(dim=0)
             if depth > 0:  # through W, then ReLU's gate (its output is the next layer's input)
                 delta = torch.ops.aten.threshold_backward(delta @ weight, inputs, 0)
-        return loss, logits
+        return logits

@@ -34,10 +34,20 @@ class SGD:
             elif param.grad is not None:
                 param.grad.zero_()
 
-    @torch.no_grad()
     def step(self) -> None:
+        if torch.is_grad_enabled():  # the trainer's closed-form steps already run without autograd
+            with torch.no_grad():
+                self._update()
+        else:
+            self._update()
+
+    def _update(self) -> None:
         group = self.param_groups[0]
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        if momentum == 0 and weight_decay == 0:  # plain SGD: every parameter's update in one call
+            params = [p for p in self.params if p.grad is not None]
+            torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)
+            return
         for k, param in enumerate(self.params):
             grad = param.grad
             if grad is None:

@@ -53,7 +53,8 @@ class Strategy:
     may record the step once and replay it; only the class's own declaration counts, not a parent's), and
     ``closed_form_safe`` (True where the training loss is ``Strategy.loss`` on ``Strategy.forward`` and the
     hooks need nothing from autograd but ``.grad``, so ``trainer.closed_form`` may write an MLP's gradients
-    out without autograd; see :mod:`clbench.closed_form`; again only the class's own declaration counts).
+    out without autograd; its ``after_backward`` / ``after_step`` then run under ``torch.no_grad``; see
+    :mod:`clbench.closed_form`; again only the class's own declaration counts).
     """
 
     name: ClassVar[str] = "finetune"

@@ -250,7 +250,7 @@ class Trainer:
             )
         trained = list(strategy.parameters(current) if params is None else params)
         self._recording = use_graphs(self.cuda_graphs, strategy, stream.device, self.compile is not None)
-        closed = self._closed_form_for(strategy)
+        closed = self._closed_form_for(strategy, task_ids)
         closed_steps = 0
         optimizer = self._fit_optimizer(trained)
         lr, patience, best_loss = self.lr, self.lr_patience, math.inf
@@ -273,17 +273,14 @@ class Trainer:
         block_steps = self.prefetch_steps()
 
         def step_fn(batch: Batch) -> tuple[Tensor, Tensor]:
-            nonlocal closed_steps
-            if closed is not None:
-                done = self._closed_form_step(closed, strategy, batch, current, absent, optimizer)
-                if done is not None:
-                    closed_steps += 1
-                    return done
             return self._train_step(strategy, batch, current, absent, optimizer)
 
         graphed = None
         if self._recording:
             graphed = GraphedStep(step_fn, lambda: optimizer.zero_grad(set_to_none=True), self.graph_warmup_steps)
+        # closed-form steps run without autograd (their hooks too) and keep their logits; each step's loss
+        # and prediction are read back from those once per block (or NaN check) by _settle
+        grad_mode = torch.no_grad() if closed is not None else contextlib.nullcontext()
         for epoch in range(epochs):
             # one gather per epoch; every step then takes contiguous slices (views, no index kernels)
             order = torch.randperm(num_samples, device=index.device, generator=self.generator)
@@ -291,29 +288,46 @@ class Trainer:
             epoch_ids = task_ids if isinstance(task_ids, int) else task_ids[order]
             step_losses = torch.zeros(steps, device=index.device)
             predictions = torch.empty(num_samples, device=index.device, dtype=torch.int64)
-            for step in range(steps):
-                chosen = slice(step * self.batch_size, (step + 1) * self.batch_size)
-                batch_ids = epoch_ids if isinstance(epoch_ids, int) else epoch_ids[chosen]
-                batch_index = epoch_index[chosen]
-                if step % block_steps == 0:  # inputs for the next block of steps in one transform
-                    block_start = step * self.batch_size
-                    block = slice(block_start, block_start + block_steps * self.batch_size)
-                    block_ids = epoch_ids if isinstance(epoch_ids, int) else epoch_ids[block]
-                    with self.block_threading():
-                        block_x = self.model_inputs("train", epoch_index[block], block_ids)
-                        block_aux = None if closed is None else strategy.prepare_block(block_x, current)
-                rows = slice(chosen.start - block_start, chosen.stop - block_start)
-                aux = None if block_aux is None else block_aux[rows]
-                batch = Batch(block_x[rows], epoch_targets[chosen], batch_ids, batch_index, aux)
-                if graphed is None:
-                    loss, predicted = step_fn(batch)
-                else:
-                    loss, predicted = graphed(batch, key=optimizer.param_groups[0]["lr"])
-                step_losses[step] = loss
-                predictions[chosen] = predicted
-                bar.update(1)
-                if (step + 1) % check_every == 0 or step + 1 == steps:
-                    self._check_finite(step_losses[: step + 1], current, epoch, bar)
+            settled = block_first = 0  # steps whose loss and prediction are stored; the block's first step
+            block_logits = None
+            with grad_mode:
+                for step in range(steps):
+                    chosen = slice(step * self.batch_size, (step + 1) * self.batch_size)
+                    batch_ids = epoch_ids if isinstance(epoch_ids, int) else epoch_ids[chosen]
+                    batch_index = epoch_index[chosen]
+                    if step % block_steps == 0:  # inputs for the next block of steps in one transform
+                        if block_logits is not None:
+                            settled = self._settle(
+                                block_logits, block_first, settled, step, epoch_targets, step_losses, predictions
+                            )
+                        block_first, block_start = step, step * self.batch_size
+                        block = slice(block_start, block_start + block_steps * self.batch_size)
+                        block_ids = epoch_ids if isinstance(epoch_ids, int) else epoch_ids[block]
+                        with self.block_threading():
+                            block_x = self.model_inputs("train", epoch_index[block], block_ids)
+                            block_aux = None if closed is None else strategy.prepare_block(block_x, current)
+                        if closed is not None:
+                            block_logits = closed.head[1].new_empty((block_x.shape[0], closed.head[1].shape[0]))
+                    rows = slice(chosen.start - block_start, chosen.stop - block_start)
+                    aux = None if block_aux is None else block_aux[rows]
+                    batch = Batch(block_x[rows], epoch_targets[chosen], batch_ids, batch_index, aux)
+                    if block_logits is not None:
+                        self._closed_form_step(closed, strategy, batch, current, absent, optimizer, block_logits[rows])
+                    else:
+                        loss, predicted = (
+                            step_fn(batch) if graphed is None else graphed(batch, key=optimizer.param_groups[0]["lr"])
+                        )
+                        step_losses[step] = loss
+                        predictions[chosen] = predicted
+                    bar.update(1)
+                    if (step + 1) % check_every == 0 or step + 1 == steps:
+                        if block_logits is not None:
+                            settled = self._settle(
+                                block_logits, block_first, settled, step + 1, epoch_targets, step_losses, predictions
+                            )
+                        self._check_finite(step_losses[: step + 1], current, epoch, bar)
+            if closed is not None:
+                closed_steps += steps
             hits = (predictions == epoch_targets).sum()
             mean_loss = float(step_losses.mean())
             losses.append(mean_loss)
@@ -370,9 +384,10 @@ class Trainer:
         strategy.after_step(task)
         return loss.detach(), output.detach().argmax(dim=1)
 
-    def _closed_form_for(self, strategy: Strategy) -> ClosedFormStep | None:
-        """This fit's closed-form step, or None for autograd steps. Recorded CUDA-graph steps take its place
-        on a GPU (``auto`` steps aside; ``true`` is an error)."""
+    def _closed_form_for(self, strategy: Strategy, task_ids: int | Tensor) -> ClosedFormStep | None:
+        """This fit's closed-form step, or None for autograd steps (also where the fit's batches mix tasks
+        with per-task heads). Recorded CUDA-graph steps take its place on a GPU (``auto`` steps aside;
+        ``true`` is an error)."""
         assert self.stream is not None
         model = strategy.model
         if model is None or not use_closed_form(
@@ -385,7 +400,7 @@ class Trainer:
                     "trainer.closed_form=true and CUDA-graph steps cannot be combined: set trainer.cuda_graphs=false"
                 )
             return None
-        return ClosedFormStep(model, strategy)
+        return ClosedFormStep.for_fit(model, strategy, task_ids)
 
     @staticmethod
     def _closed_form_step(
@@ -395,17 +410,45 @@ class Trainer:
         task: Task,
         absent: Tensor | None,
         optimizer: FitOptimizer,
-    ) -> tuple[Tensor, Tensor] | None:
-        """``_train_step`` with the gradients written out (None: this batch needs autograd)."""
+        logits: Tensor,
+    ) -> None:
+        """``_train_step`` with the gradients written out, under the caller's ``no_grad``; the logits go
+        into ``logits`` (the step's rows of the block's buffer) for ``_settle``."""
         optimizer.zero_grad(set_to_none=True)
-        done = closed(batch, task, absent)
-        if done is None:
-            return None
-        loss, logits = done
+        closed(batch, absent, logits)
         strategy.after_backward(task)
         optimizer.step()
         strategy.after_step(task)
-        return loss, logits.argmax(dim=1)
+
+    def _settle(
+        self,
+        block_logits: Tensor,
+        block_first: int,
+        first: int,
+        stop: int,
+        targets: Tensor,
+        step_losses: Tensor,
+        predictions: Tensor,
+    ) -> int:
+        """Store the loss (mean cross-entropy, as ``Strategy.loss``) and predicted classes of closed-form
+        steps ``first..stop-1`` from their kept logits (``block_logits`` holds the block that starts at
+        step ``block_first``); returns ``stop``, the first step not yet settled. Every step is full but
+        possibly the epoch's last, whose loss is the mean over its own rows."""
+        if stop <= first:
+            return first
+        size = self.batch_size
+        lo, hi = first * size, min(stop * size, targets.shape[0])
+        logits = block_logits[lo - block_first * size : hi - block_first * size]
+        per_sample = torch.nn.functional.cross_entropy(logits, targets[lo:hi], reduction="none")
+        predictions[lo:hi] = logits.argmax(dim=1)
+        count = stop - first
+        padded = per_sample.new_zeros(count * size)
+        padded[: hi - lo] = per_sample
+        sums = padded.view(count, size).sum(dim=1)
+        last = hi - lo - (count - 1) * size  # rows of the last of these steps
+        step_losses[first : stop - 1] = sums[:-1] / size
+        step_losses[stop - 1] = sums[-1] / last
+        return stop
 
     @staticmethod
     def _check_finite(step_losses: Tensor, task: Task, epoch: int, bar: tqdm) -> None:

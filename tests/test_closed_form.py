@@ -4,6 +4,7 @@ same training (up to float rounding); where it cannot apply, ``auto`` steps asid
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -62,8 +63,8 @@ def test_written_out_gradients_are_autograds(compose_cfg, bias, scenario, masked
         absent[[c for c in range(stream.head_sizes[0]) if c not in set(batch.y.tolist())][:3]] = True
     loss, expected = autograd_grads(strategy, batch, absent)
     strategy.model.zero_grad(set_to_none=True)
-    closed_loss, logits = ClosedFormStep(strategy.model, strategy)(batch, task, absent)
-    assert closed_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    logits = ClosedFormStep.for_fit(strategy.model, strategy, task.id)(batch, absent)
+    assert F.cross_entropy(logits, batch.y).item() == pytest.approx(loss.item(), rel=1e-6)
     assert logits.shape == (13, stream.head_sizes[task.id if scenario == "task" else 0])
     for name, param in strategy.model.named_parameters():
         if expected[name] is None:  # other tasks' heads: untouched, as by autograd
@@ -78,7 +79,8 @@ def test_mixed_task_batches_with_task_heads_are_left_to_autograd(compose_cfg):
     task = stream.tasks[0]
     chosen = task.train_index[:4]
     batch = Batch(stream.inputs("train", chosen, 0), task.train_targets[:4], torch.tensor([0, 1, 0, 1]), chosen)
-    assert ClosedFormStep(strategy.model, strategy)(batch, task, None) is None
+    assert ClosedFormStep.for_fit(strategy.model, strategy, batch.task_ids) is None
+    assert ClosedFormStep.for_fit(strategy.model, strategy, torch.tensor([1, 1, 1])) is None  # no single head per fit
 
 
 def fitted(strategy, stream, closed_form: bool | str, tasks=(0, 1)) -> tuple[list[torch.Tensor], Trainer]:
@@ -123,7 +125,7 @@ def test_gpm_projects_each_gradient_in_the_step_and_after_backward_leaves_it(com
     twin = copy.deepcopy(strategy)
     _, unprojected = autograd_grads(twin, batch)
     twin.after_backward(task)  # the hooked path: factors caught by hooks, projected here
-    ClosedFormStep(strategy.model, strategy)(batch, task, None)
+    ClosedFormStep.for_fit(strategy.model, strategy, task.id)(batch)
     assert strategy.projected_in_step == {1}
     projector, calls = strategy.projectors[1], []
     original = projector.remove_
@@ -210,9 +212,9 @@ def test_closed_form_and_recorded_steps_are_not_combined(compose_cfg, monkeypatc
         trainer.fit(strategy, [stream.tasks[0]])
     automatic = Trainer(progress=False)  # closed_form=auto steps aside for recorded steps
     automatic.attach(stream, 0)
-    assert automatic._closed_form_for(strategy) is not None
+    assert automatic._closed_form_for(strategy, 0) is not None
     automatic._recording = True
-    assert automatic._closed_form_for(strategy) is None
+    assert automatic._closed_form_for(strategy, 0) is None
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -231,8 +233,8 @@ def test_gpm_projects_the_first_layers_inputs_once_per_block(compose_cfg, monkey
     batch = Batch(block[rows], task.train_targets[rows], task.id, block_index[rows], aux[rows])
     plain = Batch(block[rows], task.train_targets[rows], task.id, block_index[rows])
     twin = copy.deepcopy(strategy)
-    ClosedFormStep(strategy.model, strategy)(batch, task, None)
-    ClosedFormStep(twin.model, twin)(plain, task, None)
+    ClosedFormStep.for_fit(strategy.model, strategy, task.id)(batch)
+    ClosedFormStep.for_fit(twin.model, twin, task.id)(plain)
     assert strategy.projected_in_step == twin.projected_in_step == {0}
     for mine, theirs in zip(strategy.model.parameters(), twin.model.parameters(), strict=True):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6)
@@ -277,3 +279,32 @@ def test_block_threads_apply_to_block_preparation_and_are_restored(monkeypatch):
     for bad in (0, "many", 1.5):
         with pytest.raises(ValueError, match="block_threads must be null, auto or a thread count"):
             Trainer(block_threads=bad)
+
+
+@pytest.mark.parametrize(("batch_size", "prefetch_mb", "checks"), [(7, 0.01, 4), (10, 16.0, 10), (13, 0.0, 1)])
+def test_closed_form_losses_and_accuracies_are_the_autograd_ones(compose_cfg, batch_size, prefetch_mb, checks):
+    """Closed-form steps keep their logits and read each step's loss and prediction back per block or NaN
+    check: the epoch losses (means of per-step means, the last step of 120 rows possibly short) and training
+    accuracies must be those the autograd steps report, for blocks of a few steps, blocks longer than the
+    epoch, and one step per block."""
+    strategy, stream = built(compose_cfg, ["model.hidden=[32,16]"], Finetune())
+    twin = copy.deepcopy(strategy)
+    reports = []
+    for learner, closed_form in ((strategy, True), (twin, False)):
+        trainer = Trainer(
+            progress=False,
+            batch_size=batch_size,
+            epochs=2,
+            lr=0.05,
+            prefetch_mb=prefetch_mb,
+            nan_checks_per_epoch=checks,
+            closed_form=closed_form,
+        )
+        trainer.attach(stream, 0)
+        learner.fit_task(stream.tasks[0], trainer)
+        reports.append((trainer.epoch_losses[0], trainer.epoch_accuracies[0], trainer.closed_form_steps))
+    (closed_losses, closed_acc, closed_steps), (eager_losses, eager_acc, eager_steps) = reports
+    steps = math.ceil(120 / batch_size)
+    assert closed_steps == [2 * steps] and eager_steps == [0]
+    assert closed_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert closed_acc == pytest.approx(eager_acc, abs=1e-9)

@@ -64,6 +64,7 @@ class GPM(Strategy):
         self.bases: list[Tensor | None] = []
         self.projectors: list[Projector | None] = []
         self.rank_log: list[list[int]] = []  # per finished task, each layer's basis rank (memory used)
+        self._positions: dict[int, int] = {}  # id(module) -> index in self.layers (see _position)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def setup(self, model: ContinualModel, stream: Stream) -> ContinualModel:
@@ -137,20 +138,33 @@ class GPM(Strategy):
         """Closed-form steps: a projected layer's gradient, from its factors or formed and then projected
         (whichever is fewer operations), as the hooked path computes it in ``after_backward`` (which then
         leaves this layer alone); the first layer's from the block's projected inputs when there are any."""
-        # by identity, not an id() table: a deep copy of the strategy has modules of its own
-        i = next((k for k, known in enumerate(self.layers) if known.module is layer), None)
+        i = self._position(layer)
         projector = None if i is None else self.projectors[i]
         if projector is None:
             return None
         if i == 0 and batch.aux is not None:
             self.projected_in_step.add(0)
-            return out_grad.to(batch.aux.dtype).T @ batch.aux
+            aux = batch.aux
+            return (out_grad if out_grad.dtype == aux.dtype else out_grad.to(aux.dtype)).T @ aux
         inputs = self.layers[i].factor_inputs(inputs)
         grad = projector.orthogonal_from_factors(out_grad, inputs)
         if grad is None:  # projecting the formed gradient is fewer operations here (large batch, wide basis)
             grad = projector.orthogonal(out_grad.to(projector.bases.dtype).T @ inputs.to(projector.bases.dtype))
         self.projected_in_step.add(i)
         return grad
+
+    def _position(self, layer: nn.Module) -> int | None:
+        """Index of ``layer`` among the projected layers. Remembered by ``id()`` to spare a scan per layer
+        and step, but only trusted when the entry names this very module: a deep copy of the strategy (or a
+        module that took a freed one's address) has modules of its own, which are found again by scan."""
+        positions = self._positions
+        k = positions.get(id(layer))
+        if k is not None and k < len(self.layers) and self.layers[k].module is layer:
+            return k
+        k = next((k for k, known in enumerate(self.layers) if known.module is layer), None)
+        if k is not None:
+            positions[id(layer)] = k
+        return k
 
     def task_thresholds(self, task: Task) -> list[float]:
         """This task's energy thresholds: the base values plus the per-task increment, capped at 1."""

@@ -265,5 +265,7 @@ class Projector:
         cost = 2 * count * dim * min(rank, dim) + out * count * dim
         if cost >= out * dim * min(2 * rank, dim):
             return None
-        inputs, out_grad = inputs.to(self.bases.dtype), out_grad.to(self.bases.dtype)
+        dtype = self.bases.dtype
+        if inputs.dtype != dtype or out_grad.dtype != dtype:  # a no-op .to() still costs a call per step
+            inputs, out_grad = inputs.to(dtype), out_grad.to(dtype)
         return out_grad.T @ self.orthogonal(inputs)
