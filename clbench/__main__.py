@@ -6,6 +6,7 @@ shows the traceback). In a multirun a failing job is recorded as failed and the 
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import traceback
@@ -112,6 +113,10 @@ def main() -> None:
         _fail(problem)
         sys.exit(USER_ERROR_EXIT)
     _hydra_main()
+    # Everything is written. The interpreter's last garbage collection would now walk every object torch
+    # made at import (~200k): about a third of a second, a tenth of a short run. Frozen objects are skipped;
+    # nothing else of the shutdown changes (exit handlers and flushes still run).
+    gc.freeze()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 QUIET = ["logger=none", "trainer.progress=false", "trainer.epochs=1"]
 
@@ -57,3 +59,27 @@ def test_missing_dataset_names_path_and_switch(tmp_path):
     )
     assert done.returncode != 0
     assert "cifar-100-python" in done.stderr and "stream.download=true" in done.stderr
+
+
+def test_main_freezes_the_heap_after_a_finished_run_only(monkeypatch):
+    """The exit's last garbage collection is skipped (gc.freeze) once the run is done, not before it and not
+    when it fails (a failure leaves through sys.exit)."""
+    import gc
+
+    import clbench.__main__ as cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(sys, "argv", ["clbench"])
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(cli, "_hydra_main", lambda: calls.append("run"))
+    cli.main()
+    assert calls == ["run", "freeze"]
+
+    def failing() -> None:
+        calls.append("failed run")
+        sys.exit(1)
+
+    monkeypatch.setattr(cli, "_hydra_main", failing)
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert calls == ["run", "freeze", "failed run"]
