@@ -38,9 +38,11 @@ def matrix_figure(matrix: np.ndarray, title: str, cmap: str = "viridis", symmetr
     if values.shape[0] <= MAX_ANNOTATED and values.shape[1] <= MAX_ANNOTATED:
         for (i, j), value in np.ndenumerate(values):
             if np.isfinite(value):
-                axes.text(
+                label = axes.text(
                     j, i, f"{value:.1f}", ha="center", va="center", fontsize=7, color="white" if value < 50 else "black"
                 )
+                # inside its cell: tight_layout need not measure it (for 20 x 20 cells, 0.1 s of 0.2 s)
+                label.set_in_layout(False)
     axes.set_xlabel("evaluated on task j")
     axes.set_ylabel("after training task i")
     axes.set_xticks(range(0, values.shape[1], -(-values.shape[1] // MAX_TICKS)))

@@ -11,8 +11,10 @@ def test_small_matrix_annotates_every_finite_cell():
     values[np.triu_indices(5, k=1)] = np.nan
     figure = matrix_figure(values, "R")
     texts = [t.get_text() for t in figure.axes[0].texts]
+    measured = [t.get_in_layout() for t in figure.axes[0].texts]
     plt.close(figure)
     assert len(texts) == 15 and set(texts) == {"42.0"}
+    assert not any(measured)  # inside their cells: tight_layout does not measure them (its cost grows with T^2)
 
 
 def test_hundred_task_matrix_is_bounded_and_unannotated(tmp_path):
