@@ -149,3 +149,52 @@ class ClosedFormStep:
             if depth > 0:  # through W, then ReLU's gate (its output is the next layer's input)
                 delta = torch.ops.aten.threshold_backward(delta @ weight, inputs, 0)
         return logits
+
+
+@dataclass
+class KeptLogits:
+    """One epoch's closed-form steps keep their logits here, a block of steps at a time; ``settle`` turns the
+    kept ones into each step's loss (the mean cross-entropy over its rows, as ``Strategy.loss``) and
+    predicted classes in a few large operations, instead of five small ones in every step.
+
+    ``targets`` are the epoch's targets in step order; ``step_losses`` ([steps]) and ``predictions``
+    ([samples]) are the epoch's outputs, written in place. Every step has ``batch_size`` rows but possibly
+    the epoch's last, whose loss is the mean over its own rows."""
+
+    batch_size: int
+    targets: Tensor
+    step_losses: Tensor
+    predictions: Tensor
+    buffer: Tensor | None = None
+    first: int = 0  # the block's first step
+    settled: int = 0  # steps before this one are stored
+
+    def start_block(self, step: int, rows: int, head_weight: Tensor) -> None:
+        """Settle the previous block; keep room for ``rows`` logits from step ``step`` on."""
+        self.settle(step)
+        self.buffer = head_weight.new_empty((rows, head_weight.shape[0]))
+        self.first = step
+
+    def rows(self, chosen: slice) -> Tensor:
+        """The buffer's rows for the step whose samples are ``chosen`` (epoch positions)."""
+        assert self.buffer is not None, "start_block must come first"
+        offset = self.first * self.batch_size
+        return self.buffer[chosen.start - offset : chosen.stop - offset]
+
+    def settle(self, stop: int) -> None:
+        """Store the loss and predictions of the kept steps before ``stop`` (all in the current block)."""
+        if self.buffer is None or stop <= self.settled:
+            return
+        size = self.batch_size
+        lo, hi = self.settled * size, min(stop * size, self.targets.shape[0])
+        offset = self.first * size
+        logits = self.buffer[lo - offset : hi - offset]
+        per_sample = F.cross_entropy(logits, self.targets[lo:hi], reduction="none")
+        self.predictions[lo:hi] = logits.argmax(dim=1)
+        count = stop - self.settled
+        padded = per_sample.new_zeros(count * size)
+        padded[: hi - lo] = per_sample
+        sums = padded.view(count, size).sum(dim=1)
+        self.step_losses[self.settled : stop - 1] = sums[:-1] / size
+        self.step_losses[stop - 1] = sums[-1] / (hi - lo - (count - 1) * size)  # the last step's own rows
+        self.settled = stop

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from clbench.closed_form import ClosedFormStep, use_closed_form
+from clbench.closed_form import ClosedFormStep, KeptLogits, use_closed_form
 from clbench.graphs import GraphedStep, use_graphs
 from clbench.optim import SGD
 from clbench.strategy import Batch, Strategy
@@ -279,7 +279,7 @@ class Trainer:
         if self._recording:
             graphed = GraphedStep(step_fn, lambda: optimizer.zero_grad(set_to_none=True), self.graph_warmup_steps)
         # closed-form steps run without autograd (their hooks too) and keep their logits; each step's loss
-        # and prediction are read back from those once per block (or NaN check) by _settle
+        # and prediction are read back from those once per block (or NaN check): KeptLogits
         grad_mode = torch.no_grad() if closed is not None else contextlib.nullcontext()
         for epoch in range(epochs):
             # one gather per epoch; every step then takes contiguous slices (views, no index kernels)
@@ -288,31 +288,26 @@ class Trainer:
             epoch_ids = task_ids if isinstance(task_ids, int) else task_ids[order]
             step_losses = torch.zeros(steps, device=index.device)
             predictions = torch.empty(num_samples, device=index.device, dtype=torch.int64)
-            settled = block_first = 0  # steps whose loss and prediction are stored; the block's first step
-            block_logits = None
+            kept = None if closed is None else KeptLogits(self.batch_size, epoch_targets, step_losses, predictions)
             with grad_mode:
                 for step in range(steps):
                     chosen = slice(step * self.batch_size, (step + 1) * self.batch_size)
                     batch_ids = epoch_ids if isinstance(epoch_ids, int) else epoch_ids[chosen]
                     batch_index = epoch_index[chosen]
                     if step % block_steps == 0:  # inputs for the next block of steps in one transform
-                        if block_logits is not None:
-                            settled = self._settle(
-                                block_logits, block_first, settled, step, epoch_targets, step_losses, predictions
-                            )
-                        block_first, block_start = step, step * self.batch_size
+                        block_start = step * self.batch_size
                         block = slice(block_start, block_start + block_steps * self.batch_size)
                         block_ids = epoch_ids if isinstance(epoch_ids, int) else epoch_ids[block]
                         with self.block_threading():
                             block_x = self.model_inputs("train", epoch_index[block], block_ids)
                             block_aux = None if closed is None else strategy.prepare_block(block_x, current)
-                        if closed is not None:
-                            block_logits = closed.head[1].new_empty((block_x.shape[0], closed.head[1].shape[0]))
+                        if kept is not None:
+                            kept.start_block(step, block_x.shape[0], closed.head[1])
                     rows = slice(chosen.start - block_start, chosen.stop - block_start)
                     aux = None if block_aux is None else block_aux[rows]
                     batch = Batch(block_x[rows], epoch_targets[chosen], batch_ids, batch_index, aux)
-                    if block_logits is not None:
-                        self._closed_form_step(closed, strategy, batch, current, absent, optimizer, block_logits[rows])
+                    if kept is not None:
+                        self._closed_form_step(closed, strategy, batch, current, absent, optimizer, kept.rows(chosen))
                     else:
                         loss, predicted = (
                             step_fn(batch) if graphed is None else graphed(batch, key=optimizer.param_groups[0]["lr"])
@@ -321,10 +316,8 @@ class Trainer:
                         predictions[chosen] = predicted
                     bar.update(1)
                     if (step + 1) % check_every == 0 or step + 1 == steps:
-                        if block_logits is not None:
-                            settled = self._settle(
-                                block_logits, block_first, settled, step + 1, epoch_targets, step_losses, predictions
-                            )
+                        if kept is not None:
+                            kept.settle(step + 1)
                         self._check_finite(step_losses[: step + 1], current, epoch, bar)
             if closed is not None:
                 closed_steps += steps
@@ -413,42 +406,12 @@ class Trainer:
         logits: Tensor,
     ) -> None:
         """``_train_step`` with the gradients written out, under the caller's ``no_grad``; the logits go
-        into ``logits`` (the step's rows of the block's buffer) for ``_settle``."""
+        into ``logits`` (the step's rows of the block's buffer, see ``KeptLogits``)."""
         optimizer.zero_grad(set_to_none=True)
         closed(batch, absent, logits)
         strategy.after_backward(task)
         optimizer.step()
         strategy.after_step(task)
-
-    def _settle(
-        self,
-        block_logits: Tensor,
-        block_first: int,
-        first: int,
-        stop: int,
-        targets: Tensor,
-        step_losses: Tensor,
-        predictions: Tensor,
-    ) -> int:
-        """Store the loss (mean cross-entropy, as ``Strategy.loss``) and predicted classes of closed-form
-        steps ``first..stop-1`` from their kept logits (``block_logits`` holds the block that starts at
-        step ``block_first``); returns ``stop``, the first step not yet settled. Every step is full but
-        possibly the epoch's last, whose loss is the mean over its own rows."""
-        if stop <= first:
-            return first
-        size = self.batch_size
-        lo, hi = first * size, min(stop * size, targets.shape[0])
-        logits = block_logits[lo - block_first * size : hi - block_first * size]
-        per_sample = torch.nn.functional.cross_entropy(logits, targets[lo:hi], reduction="none")
-        predictions[lo:hi] = logits.argmax(dim=1)
-        count = stop - first
-        padded = per_sample.new_zeros(count * size)
-        padded[: hi - lo] = per_sample
-        sums = padded.view(count, size).sum(dim=1)
-        last = hi - lo - (count - 1) * size  # rows of the last of these steps
-        step_losses[first : stop - 1] = sums[:-1] / size
-        step_losses[stop - 1] = sums[-1] / last
-        return stop
 
     @staticmethod
     def _check_finite(step_losses: Tensor, task: Task, epoch: int, bar: tqdm) -> None:

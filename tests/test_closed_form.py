@@ -308,3 +308,30 @@ def test_closed_form_losses_and_accuracies_are_the_autograd_ones(compose_cfg, ba
     assert closed_steps == [2 * steps] and eager_steps == [0]
     assert closed_losses == pytest.approx(eager_losses, rel=1e-5)
     assert closed_acc == pytest.approx(eager_acc, abs=1e-9)
+
+
+def test_kept_logits_settle_each_steps_mean_loss_and_predictions():
+    """Seven samples in steps of 3, 3 and 1, kept in blocks of two steps and settled piecemeal (mid-block,
+    at the block's end, at the epoch's end): each step's loss is the mean cross-entropy of its own rows."""
+    from clbench.closed_form import KeptLogits
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 4, generator=generator)
+    targets = torch.randint(0, 4, (7,), generator=generator)
+    losses, predictions = torch.full((3,), -1.0), torch.full((7,), -1)
+    kept = KeptLogits(3, targets, losses, predictions)
+    head = torch.zeros(4, 5)  # a head's weight: 4 classes
+    kept.start_block(0, 6, head)
+    for step in range(3):
+        chosen = slice(3 * step, min(3 * step + 3, 7))
+        if step == 2:
+            kept.start_block(2, 1, head)  # settles steps 0 and 1
+            assert kept.settled == 2
+        kept.rows(chosen).copy_(logits[chosen])
+        if step == 0:
+            kept.settle(1)
+            assert losses[1] == -1.0 and losses[0] != -1.0
+    kept.settle(3)
+    expected = [F.cross_entropy(logits[s : s + 3], targets[s : s + 3]) for s in (0, 3, 6)]
+    torch.testing.assert_close(losses, torch.stack(expected))
+    assert torch.equal(predictions, logits.argmax(dim=1))
