@@ -106,7 +106,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Entry point: check group names first (one clear line), then hand over to Hydra."""
+    """The process entry point (``python -m clbench``): check group names first (one clear line), then hand
+    over to Hydra, then freeze the heap for a quick exit. In-process callers (a notebook, a script) use
+    ``clbench.runner.run`` on a composed config instead, whose heap stays collectable."""
     register_resolvers()
     problem = check_group_choices(sys.argv[1:])
     if problem is not None:
