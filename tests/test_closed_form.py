@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from clbench.closed_form import ClosedFormStep, closed_form_obstacle, use_closed_form
+from clbench.closed_form import ClosedFormStep, KeptLogits, closed_form_obstacle, use_closed_form
 from clbench.models import MLP
 from clbench.strategy import Batch
 from clbench.trainer import Trainer
@@ -313,8 +313,6 @@ def test_closed_form_losses_and_accuracies_are_the_autograd_ones(compose_cfg, ba
 def test_kept_logits_settle_each_steps_mean_loss_and_predictions():
     """Seven samples in steps of 3, 3 and 1, kept in blocks of two steps and settled piecemeal (mid-block,
     at the block's end, at the epoch's end): each step's loss is the mean cross-entropy of its own rows."""
-    from clbench.closed_form import KeptLogits
-
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(7, 4, generator=generator)
     targets = torch.randint(0, 4, (7,), generator=generator)
