@@ -237,23 +237,28 @@ class Projector:
         dim, rank = bases.shape
         self.dense = bases @ bases.T if 2 * rank >= dim else None
 
+    def _factors(self, grad: Tensor) -> tuple[Tensor, Tensor]:
+        """Two matrices whose product is the part of ``grad`` inside the span: ``(g, M M^T)`` with the dense
+        form, else ``(g M, M^T)``. One choice of form for every projection below."""
+        if self.dense is not None:
+            return grad, self.dense
+        return grad @ self.bases, self.bases.T
+
     def component(self, grad: Tensor) -> Tensor:
         """The part of ``grad`` inside the span."""
-        if self.dense is not None:
-            return grad @ self.dense
-        return (grad @ self.bases) @ self.bases.T
+        left, right = self._factors(grad)
+        return left @ right
 
     def orthogonal(self, grad: Tensor) -> Tensor:
         """``grad`` minus its part inside the span, the subtraction fused into the last product."""
-        if self.dense is not None:
-            return torch.addmm(grad, grad, self.dense, alpha=-1)
-        return torch.addmm(grad, grad @ self.bases, self.bases.T, alpha=-1)
+        return torch.addmm(grad, *self._factors(grad), alpha=-1)
 
     def remove_(self, grad: Tensor) -> Tensor:
         """In place: ``grad`` minus its part inside the span."""
-        if self.dense is not None:
-            return grad.sub_(grad @ self.dense)
-        return grad.addmm_(grad @ self.bases, self.bases.T, alpha=-1)
+        left, right = self._factors(grad)
+        if left is grad:  # an in-place addmm must not read the matrix it writes
+            return grad.sub_(grad @ right)
+        return grad.addmm_(left, right, alpha=-1)
 
     def orthogonal_from_factors(self, out_grad: Tensor, inputs: Tensor) -> Tensor | None:
         """``(delta^T X)(I - M M^T)`` computed as ``delta^T (X - X M M^T)`` for a linear layer whose weight
