@@ -93,6 +93,7 @@ class Trainer:
     _recording: bool = field(default=False, init=False, repr=False)
     _eval_inputs: dict[tuple, Tensor] = field(default_factory=dict, init=False, repr=False)
     _eval_cache_bytes: int = field(default=0, init=False, repr=False)
+    _eval_cache_lowp: bool | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -144,6 +145,7 @@ class Trainer:
         self.generator = torch.Generator(device=stream.device).manual_seed(seed)
         self._eval_inputs.clear()
         self._eval_cache_bytes = 0
+        self._eval_cache_lowp = None
 
     def prepare(self, strategy: Strategy) -> None:
         """Apply ``compile`` to every model the strategy trains and evaluates (once, after ``setup``).
@@ -486,7 +488,7 @@ class Trainer:
             key = (split, index, owners, self.eval_batch_size, start)
             x = self._eval_inputs.get(key)
             if x is None:
-                x = self._chunk_inputs(split, index, segments[first:], start, stop)
+                x = self._kept_form(strategy, self._chunk_inputs(split, index, segments[first:], start, stop), given)
                 if self._eval_cache_bytes + x.nbytes <= self.eval_cache_mb * 2**20:
                     self._eval_inputs[key] = x
                     self._eval_cache_bytes += x.nbytes
@@ -494,6 +496,23 @@ class Trainer:
                 logits = strategy.predict(x, given)
             chunks.append(logits.argmax(dim=1))
         return torch.cat(chunks) if chunks else index.new_empty(0)
+
+    def _kept_form(self, strategy: Strategy, x: Tensor, given: int | None) -> Tensor:
+        """Prepared evaluation inputs in the form they are kept and fed: under ``eval_amp``, in its dtype.
+
+        Autocast rounds the inputs of the model's first matmul or convolution to its dtype anyway, so
+        keeping them rounded halves the cache and skips that cast in every later row. A model that first
+        works on its inputs in fp32 (an input normalisation, a mask) would see different values, so the
+        first prepared chunk of a run is sent through both ways, and rounded inputs are kept only if the
+        logits are bit for bit the same; otherwise inputs stay fp32 for the rest of the run."""
+        dtype = AMP_DTYPES.get(self.eval_amp) if self.eval_amp is not None else None
+        if dtype is None or not x.is_floating_point() or x.dtype == dtype or self._eval_cache_lowp is False:
+            return x
+        rounded = x.to(dtype)
+        if self._eval_cache_lowp is None:
+            with self.autocast(evaluation=True):
+                self._eval_cache_lowp = torch.equal(strategy.predict(x, given), strategy.predict(rounded, given))
+        return rounded if self._eval_cache_lowp else x
 
     def _chunk_inputs(self, split: str, index: Tensor, segments: Sequence[Segment], start: int, stop: int) -> Tensor:
         """The model inputs of positions ``index[start:stop]``, built segment by segment."""
@@ -506,7 +525,7 @@ class Trainer:
             parts.append(self.stream.inputs(split, chosen, segment.task_id))
         return self._memory_format(parts[0] if len(parts) == 1 else torch.cat(parts))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def accuracy(self, strategy: Strategy, task: Task, split: str = "test", give_task_id: bool = True) -> Tensor:
         """Accuracy (percent, a 0-d tensor on the device) of ``strategy`` on one task's ``split``."""
         assert self.stream is not None
@@ -528,12 +547,16 @@ class Trainer:
         for module in strategy.eval_modules():
             module.eval()
         tasks = self.stream.evaluation_tasks
-        if give_task_id or not self.batched_eval or len(tasks) == 1:
-            row = torch.stack([self.accuracy(strategy, task, "test", give_task_id) for task in tasks])
-            return row.cpu().tolist()
-        return self._batched_row(strategy, tasks).cpu().tolist()
+        # One autocast region for the whole row: its cast weights are made once, not once per chunk. The
+        # passes run under no_grad, not inference_mode, because autocast keeps no cast-weight cache there.
+        with self.autocast(evaluation=True):
+            if give_task_id or not self.batched_eval or len(tasks) == 1:
+                row = torch.stack([self.accuracy(strategy, task, "test", give_task_id) for task in tasks])
+            else:
+                row = self._batched_row(strategy, tasks)
+        return row.cpu().tolist()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _batched_row(self, strategy: Strategy, tasks: Sequence[Task]) -> Tensor:
         assert self.stream is not None
         plan = self.stream.evaluation_plan
@@ -542,7 +565,7 @@ class Trainer:
         correct = torch.zeros(len(tasks), dtype=torch.float64, device=hits.device).index_add_(0, plan.owners, hits)
         return correct * 100.0 / plan.sizes.clamp(min=1)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def class_accuracy(self, strategy: Strategy, task: Task, num_classes: int, give_task_id: bool) -> list[float]:
         """Per-class test accuracy (percent; NaN for a class absent from the set) on one evaluation set."""
         assert self.stream is not None
@@ -550,7 +573,8 @@ class Trainer:
             module.eval()
         segments = [Segment(0, task.num_test, task.id)]
         given = task.id if give_task_id else None
-        predicted = self._predictions(strategy, "test", task.test_index, segments, given)
+        with self.autocast(evaluation=True):
+            predicted = self._predictions(strategy, "test", task.test_index, segments, given)
         targets = task.test_targets
         hits = (predicted == targets).float()
         correct = torch.bincount(targets, weights=hits, minlength=num_classes)[:num_classes]

@@ -279,6 +279,55 @@ def test_attach_empties_the_evaluation_cache(compose_cfg):
     assert trainer._eval_cache_bytes == 0 and not trainer._eval_inputs
 
 
+class ScaledInputs(Finetune):
+    """A strategy whose prediction first scales its inputs in fp32, before any autocast-eligible op."""
+
+    def predict(self, x, task_id):
+        return super().predict(x * torch.tensor(1.001, dtype=torch.float32), task_id)
+
+
+@pytest.mark.parametrize(("strategy_class", "kept_dtype"), [(Finetune, torch.bfloat16), (ScaledInputs, torch.float32)])
+def test_bf16_evaluation_keeps_rounded_inputs_only_where_the_logits_are_unchanged(
+    compose_cfg, strategy_class, kept_dtype
+):
+    """Under eval_amp the kept inputs are rounded to bf16 once when the model's first matmul would round
+    them anyway; a model that works on them in fp32 first keeps fp32 inputs. Either way, every row equals
+    the uncached row bit for bit."""
+    cached, stream, trainer = build(compose_cfg, PERMUTED, strategy_class(), eval_batch_size=256, eval_amp="bf16")
+    plain, _, plain_trainer = build(
+        compose_cfg, PERMUTED, strategy_class(), eval_batch_size=256, eval_amp="bf16", eval_cache_mb=0
+    )
+    for task in stream.tasks[:2]:
+        trainer.fit(cached, [task])
+        plain_trainer.fit(plain, [task])
+        row = trainer.evaluate(cached, give_task_id=False)
+        assert row == plain_trainer.evaluate(plain, give_task_id=False)
+    assert {x.dtype for x in trainer._eval_inputs.values()} == {kept_dtype}
+    assert trainer._eval_cache_lowp is (kept_dtype == torch.bfloat16)
+    trainer.attach(stream, 1)
+    assert trainer._eval_cache_lowp is None  # a new run probes again
+
+
+def count_casts(trainer, strategy) -> int:
+    """dtype copies (``aten::_to_copy``) made while filling one row of R."""
+    from torch.profiler import profile
+
+    with profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        trainer.evaluate(strategy, give_task_id=False)
+    return sum(event.count for event in prof.key_averages() if event.key == "aten::_to_copy")
+
+
+def test_a_bf16_row_casts_each_weight_once_not_once_per_chunk(compose_cfg):
+    """One autocast region spans the row, so its cast-weight cache serves every chunk: an MLP's six weights
+    and biases are cast once per row whether the row is 3 chunks or 12."""
+    few, _, few_trainer = build(compose_cfg, PERMUTED, eval_batch_size=1000, eval_amp="bf16")
+    many, _, many_trainer = build(compose_cfg, PERMUTED, eval_batch_size=250, eval_amp="bf16")
+    for strategy, trainer in ((few, few_trainer), (many, many_trainer)):
+        trainer.evaluate(strategy, give_task_id=False)  # the first row prepares and keeps the inputs
+    # 6 weight and bias casts and the row's hit count to float64; per chunk it would be 6 x 12 + 1
+    assert count_casts(many_trainer, many) == count_casts(few_trainer, few) == 7
+
+
 def test_negative_evaluation_cache_is_refused():
     with pytest.raises(ValueError, match="eval_cache_mb must be >= 0"):
         Trainer(eval_cache_mb=-1)
