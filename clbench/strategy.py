@@ -147,6 +147,13 @@ class Strategy:
         assert self.model is not None
         return self.model(x, task_id if task_id is not None and self.stream.scenario == "task" else None)
 
+    def inference_batch(self) -> int | None:
+        """Samples per inferred task id where ``predict`` without a task id infers one task for the whole
+        batch it is given (SupSup); None, the default, where each sample's prediction is its own. The runner
+        then evaluates such a strategy task by task in chunks of exactly this size, so no chunk mixes
+        tasks and the chunk size is the strategy's, not ``trainer.eval_batch_size``."""
+        return None
+
     def eval_modules(self) -> list[nn.Module]:
         """Modules to switch between train and eval mode (more than one for one-model-per-task)."""
         assert self.model is not None

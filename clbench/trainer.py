@@ -467,8 +467,9 @@ class Trainer:
         index: Tensor,
         segments: Sequence[Segment],
         given: int | None,
+        chunk: int,
     ) -> Tensor:
-        """Predicted classes for pool positions ``index`` in ``eval_batch_size`` chunks (no grad, autocast).
+        """Predicted classes for pool positions ``index`` in chunks of ``chunk`` samples (no grad, autocast).
 
         ``segments`` say which task each run of ``index`` belongs to. A chunk may span several runs (many
         small test sets in one forward pass); its inputs are built run by run, so each part takes the
@@ -481,11 +482,11 @@ class Trainer:
         chunks = []
         owners = tuple((seg.start, seg.stop, seg.task_id) for seg in segments)
         first = 0  # the first segment that may still overlap the current chunk
-        for start in range(0, int(index.numel()), self.eval_batch_size):
-            stop = start + self.eval_batch_size
+        for start in range(0, int(index.numel()), chunk):
+            stop = start + chunk
             while segments[first].stop <= start:
                 first += 1
-            key = (split, index, owners, self.eval_batch_size, start)
+            key = (split, index, owners, chunk, start)
             x = self._eval_inputs.get(key)
             if x is None:
                 x = self._kept_form(strategy, self._chunk_inputs(split, index, segments[first:], start, stop), given)
@@ -525,6 +526,12 @@ class Trainer:
             parts.append(self.stream.inputs(split, chosen, segment.task_id))
         return self._memory_format(parts[0] if len(parts) == 1 else torch.cat(parts))
 
+    def _chunk(self, strategy: Strategy, given: int | None) -> int:
+        """Samples per evaluation forward pass: the strategy's own inference batch where it infers one task
+        per batch (no task id given), else ``eval_batch_size``."""
+        per_batch = strategy.inference_batch() if given is None else None
+        return per_batch if per_batch is not None else self.eval_batch_size
+
     @torch.no_grad()
     def accuracy(self, strategy: Strategy, task: Task, split: str = "test", give_task_id: bool = True) -> Tensor:
         """Accuracy (percent, a 0-d tensor on the device) of ``strategy`` on one task's ``split``."""
@@ -534,7 +541,7 @@ class Trainer:
         pool_split = "test" if split == "test" else "train"  # validation images live in the training pool
         segments = [Segment(0, int(index.numel()), task.id)]
         given = task.id if give_task_id else None
-        predicted = self._predictions(strategy, pool_split, index, segments, given)
+        predicted = self._predictions(strategy, pool_split, index, segments, given, self._chunk(strategy, given))
         return (predicted == targets).sum().double() * (100.0 / max(1, int(index.numel())))
 
     def evaluate(self, strategy: Strategy, give_task_id: bool) -> list[float]:
@@ -542,7 +549,9 @@ class Trainer:
 
         Without task identity the model's prediction does not depend on which task a sample belongs to,
         so all test sets go through the model together in large chunks (``batched_eval``); with it, task
-        by task, since the task id picks heads, masks or scaling matrices."""
+        by task, since the task id picks heads, masks or scaling matrices. A strategy that infers one task
+        per batch (``Strategy.inference_batch``) also goes task by task: a chunk mixing tasks would get one
+        inferred task for all of them."""
         assert self.stream is not None
         for module in strategy.eval_modules():
             module.eval()
@@ -550,7 +559,8 @@ class Trainer:
         # One autocast region for the whole row: its cast weights are made once, not once per chunk. The
         # passes run under no_grad, not inference_mode, because autocast keeps no cast-weight cache there.
         with self.autocast(evaluation=True):
-            if give_task_id or not self.batched_eval or len(tasks) == 1:
+            per_task = give_task_id or not self.batched_eval or strategy.inference_batch() is not None
+            if per_task or len(tasks) == 1:
                 row = torch.stack([self.accuracy(strategy, task, "test", give_task_id) for task in tasks])
             else:
                 row = self._batched_row(strategy, tasks)
@@ -560,7 +570,7 @@ class Trainer:
     def _batched_row(self, strategy: Strategy, tasks: Sequence[Task]) -> Tensor:
         assert self.stream is not None
         plan = self.stream.evaluation_plan
-        predicted = self._predictions(strategy, "test", plan.index, plan.segments, None)
+        predicted = self._predictions(strategy, "test", plan.index, plan.segments, None, self.eval_batch_size)
         hits = (predicted == plan.targets).double()
         correct = torch.zeros(len(tasks), dtype=torch.float64, device=hits.device).index_add_(0, plan.owners, hits)
         return correct * 100.0 / plan.sizes.clamp(min=1)
@@ -574,7 +584,9 @@ class Trainer:
         segments = [Segment(0, task.num_test, task.id)]
         given = task.id if give_task_id else None
         with self.autocast(evaluation=True):
-            predicted = self._predictions(strategy, "test", task.test_index, segments, given)
+            predicted = self._predictions(
+                strategy, "test", task.test_index, segments, given, self._chunk(strategy, given)
+            )
         targets = task.test_targets
         hits = (predicted == targets).float()
         correct = torch.bincount(targets, weights=hits, minlength=num_classes)[:num_classes]

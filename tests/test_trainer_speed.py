@@ -279,6 +279,32 @@ def test_attach_empties_the_evaluation_cache(compose_cfg):
     assert trainer._eval_cache_bytes == 0 and not trainer._eval_inputs
 
 
+class InfersPerBatch(Finetune):
+    """Records the batches ``predict`` is handed, as a strategy that infers one task per batch would see them."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def inference_batch(self):
+        return 70
+
+    def predict(self, x, task_id):
+        self.batches.append((x.shape[0], task_id))
+        return super().predict(x, task_id)
+
+
+def test_a_strategy_inferring_per_batch_gets_one_tasks_samples_in_its_own_batch_size(compose_cfg):
+    strategy, stream, trainer = build(compose_cfg, PERMUTED, InfersPerBatch(), eval_batch_size=256)
+    trainer._batched_row = lambda *_: pytest.fail("chunks shared by all tasks would mix tasks")
+    trainer.evaluate(strategy, give_task_id=False)
+    per_task = [70] * 14 + [20]  # each 1,000-sample test set on its own, in batches of 70
+    assert strategy.batches == [(size, None) for size in per_task * len(stream)]
+    strategy.batches.clear()
+    trainer.evaluate(strategy, give_task_id=True)  # a given task id needs no inference: the usual chunks
+    assert strategy.batches == [(size, task.id) for task in stream.tasks for size in (256, 256, 256, 232)]
+
+
 class ScaledInputs(Finetune):
     """A strategy whose prediction first scales its inputs in fp32, before any autocast-eligible op."""
 

@@ -39,8 +39,8 @@ class SupermaskStrategy(Strategy):
     the strategy's density). Arguments common to all: ``density`` (fraction of weights a task's mask
     keeps), ``layer_density`` (``uniform`` or the ``er`` budget), ``weight_init`` (``signed_constant`` or
     ``default``), ``inference`` (``oneshot`` or ``binary``, used only when evaluation gives no task id),
-    ``inference_batch_size`` (samples per inferred task id in the reported task-inference accuracy; the
-    runner's evaluation infers one id per evaluation batch) and ``task_oracle`` (give the task id at test
+    ``inference_batch_size`` (samples per inferred task id, in the runner's evaluation, where it is the
+    chunk size, and in the reported task-inference accuracy) and ``task_oracle`` (give the task id at test
     time in the domain scenario too, SupSup's GG setting; recorded in the result as ``uses_task_oracle``).
     """
 
@@ -165,6 +165,9 @@ class SupermaskStrategy(Strategy):
             task_id = self.infer_task(x)
         self.set_task(task_id)
         return self.model(x, self.head_ids(task_id))
+
+    def inference_batch(self) -> int | None:
+        return self.inference_batch_size
 
     def infer_task(self, x: Tensor) -> int:
         """The learned task whose mask best explains the batch ``x``: SupSup's one-shot algorithm

@@ -75,6 +75,27 @@ def test_gnu_task_inference_beats_chance():
         assert inferred["accuracy"] > 60.0, inferred  # chance is 33 %
 
 
+def test_gnu_evaluation_infers_one_task_per_inference_batch_of_one_tasks_samples():
+    """Without task ids, SupSup infers one task per batch; the runner's row must then be what SupSup
+    gives on each task's own test set in ``inference_batch_size`` pieces, whatever the evaluation's chunk
+    size (here 15, which would otherwise mix tasks in a chunk) and whether batched evaluation is on."""
+    strategy = SupSup(inference_batch_size=10)
+    stream, trainer = build(strategy, scenario="domain", epochs=3)
+    trainer.eval_batch_size = 15
+    for task in stream.tasks:
+        learn(strategy, task, trainer)
+    expected = []
+    with torch.no_grad():
+        for task in stream.tasks:
+            hits = 0
+            for start in range(0, task.num_test, 10):
+                index = task.test_index[start : start + 10]
+                logits = strategy.predict(stream.inputs("test", index, task.id), None)
+                hits += int((logits.argmax(1) == task.test_targets[start : start + 10]).sum())
+            expected.append(100.0 * hits / task.num_test)
+    assert trainer.evaluate(strategy, give_task_id=False) == pytest.approx(expected, abs=1e-9)
+
+
 def test_resume_restores_masks_and_logits():
     strategy = SupSup(density=0.1)
     stream, trainer = build(strategy, num_tasks=3)
