@@ -89,6 +89,7 @@ def _experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
     result_neutral = (
         "progress",
         "eval_batch_size",
+        "eval_chunk_mb",
         "batched_eval",
         "prefetch_mb",
         "eval_cache_mb",

@@ -162,12 +162,14 @@ class Stream:
             angles=move(self.angles),
         )
 
-    def inputs(self, split: str, index: Tensor, task_ids: TaskIds) -> Tensor:
+    def inputs(self, split: str, index: Tensor, task_ids: TaskIds, out: Tensor | None = None) -> Tensor:
         """Model inputs for pool positions ``index`` of ``split`` ("train" or "test"), as task(s) ``task_ids``.
 
         ``task_ids`` is an int when the whole batch is one task (the fast path) or a [B] tensor. Pixels are
         gathered (and permuted) as uint8, then converted and normalised in one affine pass, so a batch costs
-        a handful of kernels: this runs once per training step.
+        a handful of kernels: this runs once per training step. ``out`` (fp32, ``[len(index), *input_shape]``)
+        receives the inputs in place of a new tensor, so that a chunk made of several tasks' samples is
+        written part by part with no concatenation copy; the values are the same.
         """
         pool = self.x_train if split == "train" else self.x_test
         shape = (-1, pool.shape[1], 1, 1)
@@ -176,7 +178,8 @@ class Stream:
             if pool.dtype == torch.uint8:
                 x = x / 255.0
             x = rotate(x, self.angles[task_ids])
-            return (x - self.mean[task_ids].view(shape)) / self.std[task_ids].view(shape)
+            x = (x - self.mean[task_ids].view(shape)) / self.std[task_ids].view(shape)
+            return x if out is None else out.copy_(x)
         x = pool.index_select(0, index)  # on CPU several times faster than pool[index]
         if self.permutations is not None:
             flat = x.flatten(1)
@@ -184,7 +187,8 @@ class Stream:
             table = self.permutations[task_ids]
             x = flat.gather(1, table.expand(flat.shape[0], -1) if table.dim() == 1 else table).view_as(x)
         scale, shift = self.affine
-        return x.float().mul_(scale[task_ids].view(shape)).sub_(shift[task_ids].view(shape))
+        x = x.float() if out is None else out.copy_(x)
+        return x.mul_(scale[task_ids].view(shape)).sub_(shift[task_ids].view(shape))
 
     @cached_property
     def evaluation_plan(self) -> EvaluationPlan:

@@ -113,7 +113,7 @@ class Avalanche(Strategy):
             "criterion": nn.CrossEntropyLoss(),
             "train_mb_size": trainer.batch_size,
             "train_epochs": trainer.epochs,
-            "eval_mb_size": trainer.eval_batch_size,
+            "eval_mb_size": trainer.eval_chunk_size(),
             "device": self.stream.device,
             "evaluator": EvaluationPlugin(loggers=[]),
             "eval_every": -1,

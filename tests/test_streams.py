@@ -69,6 +69,18 @@ def test_mixed_batch_inputs_match_per_task_inputs(digits):
         assert torch.allclose(mixed[k], single[0])
 
 
+@pytest.mark.parametrize("make", [permuted_stream, rotated_stream])
+def test_inputs_written_into_out_are_the_returned_inputs(digits, make):
+    """Evaluation writes a chunk spanning several tasks part by part into one buffer (``out=``)."""
+    stream = make(digits, num_tasks=3, seed=1)
+    index = torch.arange(10)
+    buffer = torch.full((20, *stream.input_shape), float("nan"))
+    for task_id, rows in ((1, slice(0, 10)), (2, slice(10, 20))):
+        written = stream.inputs("test", index, task_id, out=buffer[rows])
+        assert written.data_ptr() == buffer[rows].data_ptr()
+        assert torch.equal(buffer[rows], stream.inputs("test", index, task_id))
+
+
 def test_rotation_by_90_degrees_is_a_quarter_turn(digits):
     stream = rotated_stream(digits, num_tasks=2, angles=[0.0, 90.0])
     index = torch.arange(4)

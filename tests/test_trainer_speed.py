@@ -48,7 +48,7 @@ def test_fused_permuted_inputs_equal_the_written_out_transform(compose_cfg):
 
 
 def test_batched_row_equals_task_by_task_row(compose_cfg):
-    strategy, stream, trainer = build(compose_cfg, PERMUTED, eval_batch_size=256)
+    strategy, stream, trainer = build(compose_cfg, PERMUTED, eval_batch_size=256, eval_chunk_mb=0)
     trainer.fit(strategy, [stream.tasks[0]])
     batched = trainer.evaluate(strategy, give_task_id=False)
     trainer.batched_eval = False
@@ -61,17 +61,17 @@ def test_batched_row_equals_task_by_task_row(compose_cfg):
 def test_batched_chunks_straddling_tasks_build_inputs_one_task_at_a_time(compose_cfg, eval_batch_size):
     """Chunks that span several test sets (7 and 256 do not divide 1,000; 5,000 holds all three) give the
     task-by-task row, and every input transform sees one task id, never a per-sample table."""
-    strategy, stream, trainer = build(compose_cfg, PERMUTED, eval_batch_size=eval_batch_size)
+    strategy, stream, trainer = build(compose_cfg, PERMUTED, eval_batch_size=eval_batch_size, eval_chunk_mb=0)
     trainer.fit(strategy, [stream.tasks[0]])
     trainer.batched_eval = False
     per_task = trainer.evaluate(strategy, give_task_id=False)
     trainer.batched_eval = True
     original, seen = stream.inputs, []
 
-    def single_task_inputs(split, index, task_ids):
+    def single_task_inputs(split, index, task_ids, **kwargs):
         assert isinstance(task_ids, int), "the batched row gathered a per-sample transform table"
         seen.append((task_ids, int(index.numel())))
-        return original(split, index, task_ids)
+        return original(split, index, task_ids, **kwargs)
 
     stream.inputs = single_task_inputs
     batched = trainer.evaluate(strategy, give_task_id=False)
@@ -231,9 +231,9 @@ def count_input_calls(stream):
     """Wrap ``stream.inputs`` to count the samples it prepares."""
     original, seen = stream.inputs, []
 
-    def counted(split, index, task_ids):
+    def counted(split, index, task_ids, **kwargs):
         seen.append(int(index.numel()))
-        return original(split, index, task_ids)
+        return original(split, index, task_ids, **kwargs)
 
     stream.inputs = counted
     return seen
@@ -243,8 +243,8 @@ def count_input_calls(stream):
 def test_evaluation_inputs_are_prepared_once_and_rows_stay_exact(compose_cfg, give_task_id):
     """The second and later rows of R reuse the first row's prepared inputs; the model changes between
     rows, so a cache of anything but inputs would show as an unchanged row."""
-    cached, stream, trainer = build(compose_cfg, PERMUTED, eval_batch_size=256)
-    plain, _, plain_trainer = build(compose_cfg, PERMUTED, eval_batch_size=256, eval_cache_mb=0)
+    cached, stream, trainer = build(compose_cfg, PERMUTED, eval_batch_size=256, eval_chunk_mb=0)
+    plain, _, plain_trainer = build(compose_cfg, PERMUTED, eval_batch_size=256, eval_chunk_mb=0, eval_cache_mb=0)
     seen = count_input_calls(stream)
     rows, plain_rows = [], []
     for task in stream.tasks[:2]:
@@ -260,8 +260,8 @@ def test_evaluation_inputs_are_prepared_once_and_rows_stay_exact(compose_cfg, gi
 
 
 def test_evaluation_cache_stays_within_its_budget(compose_cfg):
-    strategy, stream, trainer = build(compose_cfg, PERMUTED, eval_batch_size=256, eval_cache_mb=1)
-    plain, _, plain_trainer = build(compose_cfg, PERMUTED, eval_batch_size=256, eval_cache_mb=0)
+    strategy, stream, trainer = build(compose_cfg, PERMUTED, eval_batch_size=256, eval_chunk_mb=0, eval_cache_mb=1)
+    plain, _, plain_trainer = build(compose_cfg, PERMUTED, eval_batch_size=256, eval_chunk_mb=0, eval_cache_mb=0)
     seen = count_input_calls(stream)
     for _ in range(2):
         row = trainer.evaluate(strategy, give_task_id=False)
@@ -295,7 +295,7 @@ class InfersPerBatch(Finetune):
 
 
 def test_a_strategy_inferring_per_batch_gets_one_tasks_samples_in_its_own_batch_size(compose_cfg):
-    strategy, stream, trainer = build(compose_cfg, PERMUTED, InfersPerBatch(), eval_batch_size=256)
+    strategy, stream, trainer = build(compose_cfg, PERMUTED, InfersPerBatch(), eval_batch_size=256, eval_chunk_mb=0)
     trainer._batched_row = lambda *_: pytest.fail("chunks shared by all tasks would mix tasks")
     trainer.evaluate(strategy, give_task_id=False)
     per_task = [70] * 14 + [20]  # each 1,000-sample test set on its own, in batches of 70
@@ -319,10 +319,9 @@ def test_bf16_evaluation_keeps_rounded_inputs_only_where_the_logits_are_unchange
     """Under eval_amp the kept inputs are rounded to bf16 once when the model's first matmul would round
     them anyway; a model that works on them in fp32 first keeps fp32 inputs. Either way, every row equals
     the uncached row bit for bit."""
-    cached, stream, trainer = build(compose_cfg, PERMUTED, strategy_class(), eval_batch_size=256, eval_amp="bf16")
-    plain, _, plain_trainer = build(
-        compose_cfg, PERMUTED, strategy_class(), eval_batch_size=256, eval_amp="bf16", eval_cache_mb=0
-    )
+    kwargs = {"eval_batch_size": 256, "eval_chunk_mb": 0, "eval_amp": "bf16"}
+    cached, stream, trainer = build(compose_cfg, PERMUTED, strategy_class(), **kwargs)
+    plain, _, plain_trainer = build(compose_cfg, PERMUTED, strategy_class(), **kwargs, eval_cache_mb=0)
     for task in stream.tasks[:2]:
         trainer.fit(cached, [task])
         plain_trainer.fit(plain, [task])
@@ -346,12 +345,31 @@ def count_casts(trainer, strategy) -> int:
 def test_a_bf16_row_casts_each_weight_once_not_once_per_chunk(compose_cfg):
     """One autocast region spans the row, so its cast-weight cache serves every chunk: an MLP's six weights
     and biases are cast once per row whether the row is 3 chunks or 12."""
-    few, _, few_trainer = build(compose_cfg, PERMUTED, eval_batch_size=1000, eval_amp="bf16")
-    many, _, many_trainer = build(compose_cfg, PERMUTED, eval_batch_size=250, eval_amp="bf16")
+    few, _, few_trainer = build(compose_cfg, PERMUTED, eval_batch_size=1000, eval_chunk_mb=0, eval_amp="bf16")
+    many, _, many_trainer = build(compose_cfg, PERMUTED, eval_batch_size=250, eval_chunk_mb=0, eval_amp="bf16")
     for strategy, trainer in ((few, few_trainer), (many, many_trainer)):
         trainer.evaluate(strategy, give_task_id=False)  # the first row prepares and keeps the inputs
     # 6 weight and bias casts and the row's hit count to float64; per chunk it would be 6 x 12 + 1
     assert count_casts(many_trainer, many) == count_casts(few_trainer, few) == 7
+
+
+def test_evaluation_chunks_grow_to_their_byte_budget_for_small_inputs_only(compose_cfg):
+    strategy, stream, trainer = build(compose_cfg, PERMUTED)  # 1 x 28 x 28: 3,136 bytes per fp32 sample
+    assert trainer.eval_chunk_size() == 16 * 2**20 // 3136 == 5349
+    trainer.eval_chunk_mb = 0
+    assert trainer.eval_chunk_size() == trainer.eval_batch_size == 1000
+    trainer.eval_chunk_mb, trainer.eval_batch_size = 1, 700  # 1 MB holds 334 samples: eval_batch_size wins
+    assert trainer.eval_chunk_size() == 700
+    trainer.eval_chunk_mb, trainer.eval_batch_size, trainer.eval_cache_mb = 16, 1000, 8
+    assert trainer.eval_chunk_size() == 1000  # 3,000 test inputs (9.4 MB) are not all kept: prepared every row
+    trainer.eval_cache_mb = 64
+    seen = count_input_calls(stream)
+    row = trainer.evaluate(strategy, give_task_id=False)
+    assert seen == [1000] * 3  # one chunk of 3,000 samples, its inputs built test set by test set
+    trainer.eval_chunk_mb = 0
+    assert trainer.evaluate(strategy, give_task_id=False) == pytest.approx(row, abs=1e-9)
+    with pytest.raises(ValueError, match="eval_chunk_mb must be >= 0"):
+        Trainer(eval_chunk_mb=-1)
 
 
 def test_negative_evaluation_cache_is_refused():
