@@ -552,8 +552,8 @@ class Trainer:
         Small inputs gain: a chunk of a few thousand runs an MLP's narrow later layers as larger, more
         efficient products and makes fewer Python round trips (28x28 images go 5,349 at a time at 16 MB),
         while large images, whose activations dominate memory, keep ``eval_batch_size``. Inputs prepared
-        anew every row do not: building a 16 MB chunk each time costs more than the larger products save
-        (measured: a T = 20 row of Permuted MNIST-5k in fp32, 47 ms with large chunks vs 35 ms)."""
+        anew every row do not: building a 16 MB chunk each time (out of the CPU's caches) cost more than the
+        larger products saved in ``benchmarks/runner_speed.py eval``'s uncached setup."""
         assert self.stream is not None
         sample_bytes = 4 * math.prod(self.stream.input_shape)
         kept = int(self.stream.evaluation_plan.index.numel()) * sample_bytes <= self.eval_cache_mb * 2**20
