@@ -515,7 +515,7 @@ class Trainer:
         works on its inputs in fp32 (an input normalisation, a mask) would see different values, so the
         first rows of the first prepared chunk of a run are sent through both ways, and rounded inputs are
         kept only if the logits are bit for bit the same; otherwise inputs stay fp32 for the rest of the run."""
-        dtype = AMP_DTYPES.get(self.eval_amp) if self.eval_amp is not None else None
+        dtype = AMP_DTYPES.get(self.eval_amp or "")
         if dtype is None or not x.is_floating_point() or x.dtype == dtype or self._eval_cache_lowp is False:
             return x
         rounded = x.to(dtype)
