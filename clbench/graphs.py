@@ -35,17 +35,12 @@ def warmup_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-def declares_graph_safe(strategy: Strategy) -> bool:
-    """Whether the strategy's own class declares ``graph_safe = True`` (see :meth:`Strategy.declares`)."""
-    return strategy.declares("graph_safe")
-
-
 def use_graphs(setting: bool | str, strategy: Strategy, device: torch.device, compiled: bool) -> bool:
     """Resolve ``trainer.cuda_graphs``: ``auto`` records where it applies (a CUDA device, a strategy that
     declares graph-safe steps, no ``trainer.compile``, which records graphs of its own); ``true`` demands
     it (a one-line error where it cannot apply); ``false`` never."""
     if setting == "auto":
-        return device.type == "cuda" and declares_graph_safe(strategy) and not compiled
+        return device.type == "cuda" and strategy.declares("graph_safe") and not compiled
     if setting:
         check_graph_safe(strategy, device)
         if compiled:
@@ -57,7 +52,7 @@ def check_graph_safe(strategy: Strategy, device: torch.device) -> None:
     """Raise a one-line error where ``trainer.cuda_graphs=true`` cannot apply."""
     if device.type != "cuda":
         raise ValueError(f"trainer.cuda_graphs=true needs device=cuda (this run is on {device}): set it to false")
-    if not declares_graph_safe(strategy):
+    if not strategy.declares("graph_safe"):
         raise ValueError(
             f"strategy {strategy.name!r} does not declare graph-safe training steps: run it with "
             "trainer.cuda_graphs=false (or set graph_safe = True in its class once its hooks are capture-safe)"

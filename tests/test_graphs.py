@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from clbench.graphs import GraphedStep, check_graph_safe, declares_graph_safe, use_graphs
+from clbench.graphs import GraphedStep, check_graph_safe, use_graphs
 from clbench.strategy import Batch, Strategy
 from clbench.trainer import Trainer
 from strategies.finetune import Finetune
@@ -50,7 +50,7 @@ def test_every_listed_strategy_declares_graph_safety(compose_cfg):
     """The GPU contract test below covers exactly the strategies that declare it."""
     declared = []
     for name in ["finetune", "gpm", "trgp", "cuber", "ewc", "ewc_online", "si", "mas", "lwf", "supsup", "joint"]:
-        if declares_graph_safe(instantiate(compose_cfg([f"strategy={name}"]).strategy)):
+        if instantiate(compose_cfg([f"strategy={name}"]).strategy).declares("graph_safe"):
             declared.append(name)
     assert declared == GRAPH_SAFE
 
