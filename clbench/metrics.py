@@ -6,8 +6,12 @@ Conventions, used everywhere in clbench and nowhere redefined:
   task ``i``; it is ``T x T`` and holds unseen tasks too (``j > i``), so FWT needs no extra pass.
 * ``random_init_acc[j]`` (``b_j``) is the accuracy in percent on task ``j`` of the model before any
   training (same initialisation as the run).
-* ``reference_acc[j]`` (``a*_j``) is the accuracy of a reference model trained on task ``j`` alone
-  (clbench's ``independent`` strategy), used by intransigence.
+* ``reference_acc[k]`` (``a*_k``) is, as Chaudhry et al. (2018, RWalk, Sec. 4) define it for intransigence,
+  the accuracy on task ``k`` of a reference model trained jointly on tasks ``0..k``: clbench's ``joint``
+  strategy trains exactly that model after task ``k``, so ``a*_k = R_joint[k][k]`` (:func:`joint_reference`).
+  The single-task variant (a model trained on task ``k`` alone, the ``independent`` strategy's diagonal) is
+  kept as ``intransigence_single_task``: it is what the L2M metrics compare against, and in the class
+  scenario it is an easier (task-given) target, so the two are never mixed under one name.
 
 Libraries disagree on these definitions (Avalanche's forgetting is first-minus-last, Continuum's FWT
 drops ``b_j``); the definitions here follow the papers named on each function and are tested on
@@ -81,16 +85,23 @@ def forgetting(acc_matrix: ArrayLike) -> float:
 
 
 def intransigence(acc_matrix: ArrayLike, reference_acc: Sequence[float]) -> float:
-    """Average intransigence mean_j (a*_j - R[j][j]) (Chaudhry et al., 2018).
+    """Average intransigence mean_k (a*_k - R[k][k]) (Chaudhry et al., 2018, Eq. 9 averaged over tasks).
 
-    ``reference_acc`` holds a*_j, the accuracy of a model trained on task j alone; clbench takes it
-    from the ``independent`` strategy's diagonal on the same stream and seed.
+    ``reference_acc`` holds a*_k. In the paper a*_k is the accuracy on task k of a model trained jointly on
+    tasks 0..k (:func:`joint_reference` of a ``joint`` run); given the single-task diagonal of an
+    ``independent`` run instead, the same formula gives the single-task variant.
     """
     matrix = _square(acc_matrix)
     reference = np.asarray(reference_acc, dtype=np.float64)
     if reference.shape != (matrix.shape[0],):
         raise ValueError(f"reference_acc must have {matrix.shape[0]} entries, got shape {reference.shape}")
     return float(np.mean(reference - np.diag(matrix)))
+
+
+def joint_reference(joint_acc_matrix: ArrayLike) -> list[float]:
+    """a*_k = R_joint[k][k]: the accuracy on task k of the model a ``joint`` run trained on tasks 0..k, the
+    reference of Chaudhry et al. (2018) for intransigence (row k of a joint run is that model)."""
+    return np.diag(_square(joint_acc_matrix)).tolist()
 
 
 def backward_transfer_matrix(acc_matrix: ArrayLike) -> np.ndarray:
@@ -118,8 +129,11 @@ def summarize(
     acc_matrix: ArrayLike,
     random_init_acc: Sequence[float],
     reference_acc: Sequence[float] | None = None,
+    single_task_acc: Sequence[float] | None = None,
 ) -> dict[str, float]:
-    """Every scalar metric of one run, in percent; intransigence only when a reference exists."""
+    """Every scalar metric of one run, in percent. ``intransigence`` only with the joint reference
+    ``reference_acc`` (a*_k = R_joint[k][k]), ``intransigence_single_task`` only with ``single_task_acc``
+    (an ``independent`` run's diagonal); neither is ever estimated."""
     metrics = {
         "acc": average_accuracy(acc_matrix),
         "bwt": backward_transfer(acc_matrix),
@@ -128,4 +142,6 @@ def summarize(
     }
     if reference_acc is not None:
         metrics["intransigence"] = intransigence(acc_matrix, reference_acc)
+    if single_task_acc is not None:
+        metrics["intransigence_single_task"] = intransigence(acc_matrix, single_task_acc)
     return metrics

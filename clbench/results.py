@@ -8,11 +8,13 @@ truncated file behind.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import math
 import os
 import platform
+import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -99,15 +101,117 @@ def without_paths(node: Any) -> Any:
     return node
 
 
-def find_reference_run(
-    results_dir: Path, stream: str, seed: int, stream_config: dict[str, Any]
-) -> dict[str, Any] | None:
-    """The single-task-expert reference: a completed ``independent`` run on the same stream (same resolved
-    stream config, data paths aside) and seed, or None when there is none. Never estimated.
+RESULT_NEUTRAL_TRAINER_KEYS = (
+    "progress",
+    "eval_batch_size",
+    "eval_chunk_mb",
+    "batched_eval",
+    "prefetch_mb",
+    "eval_cache_mb",
+    "cuda_graphs",
+    "closed_form",
+    "block_threads",
+    "graph_warmup_steps",
+)
+"""Trainer speed switches that leave R unchanged (bit for bit, or up to float rounding as a change of device
+would): not part of a run's identity."""
 
-    Its diagonal gives a*_j for intransigence and its training-accuracy curves the L2M expert curves.
+
+def experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a resolved config that change results (not paths, loggers, progress bars or speed-only
+    switches): the run id hashes it, and the report groups runs by it (all of it but the seed)."""
+    stream = without_paths(config.get("stream", {}))
+    trainer = {k: v for k, v in (config.get("trainer") or {}).items() if k not in RESULT_NEUTRAL_TRAINER_KEYS}
+    keys = ("model", "strategy", "seed", "deterministic")
+    return {"stream": stream, "trainer": trainer, **{k: config.get(k) for k in keys}}
+
+
+def git_state(folder: Path) -> dict[str, Any]:
+    """The git commit of the checkout holding ``folder`` and whether tracked files differ from it (untracked
+    files are ignored: results and scratch files live in the tree). Empty outside a git checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def _source_files(cls: type) -> list[Path]:
+    """The files a strategy's behaviour is written in: the file of every class in its MRO (the base class and
+    any user module included) and, where such a file sits in a sub-package (``strategies/gradient_projection/``),
+    its sibling modules, which hold the helpers it imports."""
+    files: set[Path] = set()
+    for klass in cls.__mro__:
+        if klass is object:
+            continue
+        try:
+            source = inspect.getsourcefile(klass)
+        except TypeError:  # a built-in class
+            continue
+        if source is None:
+            continue
+        path = Path(source).resolve()
+        files.add(path)
+        if klass.__module__.count(".") >= 2:
+            files.update(p.resolve() for p in path.parent.glob("*.py"))
+    return sorted(files)
+
+
+def source_digest(cls: type) -> dict[str, Any]:
+    """A hash of the source of strategy class ``cls`` (:func:`_source_files`): ``digest`` over every file's
+    name and bytes, and ``files`` with each file's own hash, so a changed result can be traced to a file."""
+    files = {}
+    for path in _source_files(cls):
+        try:
+            files[path.name if path.parent.name in ("clbench", "strategies") else f"{path.parent.name}/{path.name}"] = (
+                hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            )
+        except OSError:
+            continue
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "digest": digest, "files": files}
+
+
+def provenance(strategy_class: type) -> dict[str, Any]:
+    """What made a result: clbench's version, the git commit (and dirty flag) of the clbench checkout and of the
+    checkout holding the strategy's module where that is another one, and the strategy's source hash."""
+    from clbench import __version__
+
+    package_dir = Path(__file__).resolve().parent
+    record: dict[str, Any] = {"clbench_version": __version__, "git": git_state(package_dir)}
+    strategy_file = inspect.getsourcefile(strategy_class)
+    if strategy_file is not None:
+        strategy_git = git_state(Path(strategy_file).resolve().parent)
+        if strategy_git and strategy_git != record["git"]:
+            record["strategy_git"] = strategy_git
+    record["strategy_source"] = source_digest(strategy_class)
+    return record
+
+
+def recorded_source_digest(result: dict[str, Any]) -> str | None:
+    """The strategy source hash a result file recorded, or None for results written before clbench recorded it."""
+    return ((result.get("provenance") or {}).get("strategy_source") or {}).get("digest")
+
+
+def find_reference_run(
+    results_dir: Path, stream: str, seed: int, stream_config: dict[str, Any], strategy: str = "independent"
+) -> dict[str, Any] | None:
+    """A reference run: a completed ``strategy`` run on the same stream (same resolved stream config, data
+    paths aside) and seed, or None when there is none. Never estimated.
+
+    ``independent`` (single-task experts): its diagonal gives the single-task a*_j and its training-accuracy
+    curves the L2M expert curves. ``joint``: its diagonal gives intransigence's a*_k (Chaudhry et al. 2018).
     """
-    for path in sorted((results_dir / stream / "independent").glob("*/result.json")):
+    for path in sorted((results_dir / stream / strategy).glob("*/result.json")):
         try:
             other = read_result(path)
         except (OSError, json.JSONDecodeError):

@@ -51,6 +51,13 @@ def test_intransigence_against_reference():
     assert metrics.intransigence(R, [95.0, 90.0, 96.0]) == pytest.approx(11 / 3)
 
 
+def test_joint_reference_is_the_diagonal_of_the_joint_run():
+    # Chaudhry et al. 2018: a*_k is the model trained jointly on tasks 0..k, i.e. row k of a joint run, on task k
+    joint = [[96.0, 10.0, 11.0], [94.0, 91.0, 12.0], [93.0, 90.0, 97.0]]
+    assert metrics.joint_reference(joint) == [96.0, 91.0, 97.0]
+    assert metrics.intransigence(R, metrics.joint_reference(joint)) == pytest.approx((6 + 6 + 2) / 3)
+
+
 def test_transfer_matrices():
     bt = metrics.backward_transfer_matrix(R)
     ft = metrics.forward_transfer_matrix(R, B)
@@ -69,6 +76,8 @@ def test_summarize_omits_intransigence_without_reference():
     summary = metrics.summarize(R, B)
     assert set(summary) == {"acc", "bwt", "fwt", "forgetting"}
     assert math.isclose(metrics.summarize(R, B, [95.0, 90.0, 96.0])["intransigence"], 11 / 3)
+    both = metrics.summarize(R, B, [96.0, 91.0, 97.0], single_task_acc=[95.0, 90.0, 96.0])
+    assert both["intransigence"] == pytest.approx(14 / 3) and both["intransigence_single_task"] == pytest.approx(11 / 3)
 
 
 @pytest.mark.parametrize("bad", [[[1.0, 2.0]], [], [[1.0], [2.0]]])
