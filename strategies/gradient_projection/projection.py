@@ -195,12 +195,19 @@ def gpm_update(bases: Tensor | None, activation: Tensor, threshold: float) -> Te
     return stacked[:, : stacked.shape[0]].float()
 
 
-def trgp_update(bases: Tensor | None, activation: Tensor, threshold: float) -> tuple[Tensor | None, Tensor | None]:
+def trgp_update(
+    bases: Tensor | None, activation: Tensor, threshold: float, skip_first_residual: bool = False
+) -> tuple[Tensor | None, Tensor | None]:
     """TRGP's memory update for one layer (official code's ``get_space_and_grad``): old bases (energy of
     the new task's inputs along each) and new residual directions (their squared singular values) are
     ranked together and taken, largest first, until ``threshold`` of the total energy is reached. The
     chosen ones are the new task's own basis (used later for its trust region); the chosen residual
-    directions also join the shared memory. Returns ``(memory [d, r], task basis [d, r_t])``."""
+    directions also join the shared memory. Returns ``(memory [d, r], task basis [d, r_t])``.
+
+    ``skip_first_residual`` reproduces the official code (``sel_index > r_pre``, an off-by-one: index
+    ``r_pre`` is the first, largest, residual direction): that direction stays in the task's own basis but
+    never enters the shared memory, so later tasks' gradients are not projected out of it. The default
+    (False) adds every chosen residual direction, as the paper's text describes."""
     if bases is None or bases.shape[1] == 0:
         memory = gpm_update(None, activation, threshold)
         return memory, memory
@@ -220,7 +227,8 @@ def trgp_update(bases: Tensor | None, activation: Tensor, threshold: float) -> t
         accumulated += score
         rank += 1
     chosen = order[:rank]
-    new = chosen[chosen >= old.shape[1]].sort().values
+    first_new = old.shape[1] + int(skip_first_residual)
+    new = chosen[chosen >= first_new].sort().values
     memory = torch.cat([old, candidates[:, new]], dim=1)[:, : activation.shape[0]]
     return memory.float(), candidates[:, chosen].float()
 

@@ -38,6 +38,12 @@ class TRGP(GPM):
     Each task's own basis follows the official memory update: old bases and new residual directions are
     ranked together by the energy of the task's inputs along them (``trgp_update``).
 
+    Two behaviours of the official PMNIST code are options, off by default because they are not what the
+    paper describes: ``skip_first_residual`` (the memory never receives the largest new residual
+    direction, an off-by-one in ``sel_index > r_pre``) and ``third_task_previous_only`` (for the third
+    task the code hard-codes the trust region to the previous task, id 1, where the default ranks both old
+    tasks by projection norm as for every later task; that task still needs the ``trust_threshold`` test).
+
     On a stream without task ids at test time (PMNIST, domain scenario) the official code still picks
     each test task's scaling matrices by its id; ``task_id_at_test`` (default true) does the same and the
     result file records ``uses_task_oracle``. With it false, such a stream is evaluated with the plain
@@ -59,6 +65,8 @@ class TRGP(GPM):
         top_k: int = 2,
         grad_samples: int = 300,
         task_id_at_test: bool = True,
+        skip_first_residual: bool = False,
+        third_task_previous_only: bool = False,
     ) -> None:
         super().__init__(threshold, threshold_increment, num_samples, layers, project_head, freeze_batchnorm)
         if not 0.0 <= trust_threshold <= 1.0:
@@ -68,6 +76,8 @@ class TRGP(GPM):
         self.trust_threshold = trust_threshold
         self.top_k = top_k
         self.grad_samples = grad_samples
+        self.skip_first_residual = skip_first_residual
+        self.third_task_previous_only = third_task_previous_only
         self.uses_task_oracle = task_id_at_test
         self.task_bases: list[list[Tensor | None]] = []
         self.trust: list[list[list[int]]] = []
@@ -94,7 +104,7 @@ class TRGP(GPM):
         mats = self.representations(task)
         own: list[Tensor | None] = []
         for i, (mat, threshold) in enumerate(zip(mats, self.task_thresholds(task), strict=True)):
-            self.bases[i], basis = trgp_update(self.bases[i], mat, threshold)
+            self.bases[i], basis = trgp_update(self.bases[i], mat, threshold, self.skip_first_residual)
             own.append(basis)
         self.task_bases.append(own)
         self.refresh_projectors()
@@ -134,11 +144,15 @@ class TRGP(GPM):
 
     def select_trust_regions(self, grads: Sequence[Tensor]) -> list[list[int]]:
         """Per layer, the old tasks in the trust region: the ``top_k`` largest projection norms, kept
-        where the norm exceeds ``trust_threshold`` times the gradient's norm (TRGP Sec. 4.1)."""
+        where the norm exceeds ``trust_threshold`` times the gradient's norm (TRGP Sec. 4.1). With
+        ``third_task_previous_only`` the third task considers task 1 alone, as the official code."""
         trust = []
         for grad, row in zip(grads, self.projection_norms(grads), strict=True):
             limit = self.trust_threshold * float(torch.linalg.norm(grad))
-            ranked = sorted(range(len(row)), key=lambda j: row[j], reverse=True)[: self.top_k]
+            if self.third_task_previous_only and len(row) == 2:
+                ranked = [1][: self.top_k]
+            else:
+                ranked = sorted(range(len(row)), key=lambda j: row[j], reverse=True)[: self.top_k]
             trust.append([j for j in ranked if row[j] > limit])
         return trust
 
