@@ -13,6 +13,9 @@ from clbench.models.heads import ContinualModel, MultiHead
 class AlexNet(ContinualModel):
     """Conv 64/128/256 (kernels 4/3/2, no bias) -> fc 2048/2048 -> heads.
 
+    Every block runs layer -> batch-norm -> ReLU -> dropout (conv blocks then max-pool), the order of
+    GPM's ``AlexNet.forward``; the heads read the last fc block's dropped-out ReLU outputs.
+
     Batch-norm keeps no running statistics (``track_running_stats=False``), as in GPM, so evaluation
     normalises with batch statistics and no task's statistics drift under later tasks. Dropout 0.2 after
     the first two conv blocks and 0.5 after the rest.
@@ -46,11 +49,12 @@ class AlexNet(ContinualModel):
             width = self.conv(torch.zeros(2, *input_shape)).shape[1]
         fc: list[nn.Module] = []
         for size in hidden:
+            # GPM's order (main_cifar100.py): fc -> bn -> relu -> dropout, as in the conv blocks.
             fc += [
                 nn.Linear(width, size, bias=False),
+                nn.BatchNorm1d(size, track_running_stats=track_running_stats),
                 nn.ReLU(),
                 nn.Dropout(dropout[1]),
-                nn.BatchNorm1d(size, track_running_stats=track_running_stats),
             ]
             width = size
         self.fc = nn.Sequential(*fc)

@@ -38,3 +38,20 @@ def test_reset_parameters_draws_new_weights():
     before = [p.detach().clone() for p in model.parameters()]
     reset_parameters(model)
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_alexnet_fc_blocks_run_fc_bn_relu_dropout_as_gpm():
+    """GPM's AlexNet (main_cifar100.py) runs fc -> bn -> relu -> drop; the heads then read ReLU outputs."""
+    torch.manual_seed(0)
+    model = AlexNet((3, 32, 32), [4], channels=[8, 8, 8], hidden=[16, 12])
+    kinds = [type(m) for m in model.fc]
+    block = [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Dropout]
+    assert kinds == block * 2
+    model.eval()  # dropout off; batch-norm still normalises with batch statistics (no running stats)
+    x = torch.randn(6, 3, 32, 32)
+    h = model.conv(x)
+    for k in (0, 4):
+        linear = model.fc[k]
+        h = torch.relu(torch.nn.functional.batch_norm(linear(h), None, None, training=True, eps=model.fc[k + 1].eps))
+    assert torch.allclose(model.features(x), h, atol=1e-5)
+    assert (model.features(x) >= 0).all()
