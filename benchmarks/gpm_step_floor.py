@@ -226,7 +226,7 @@ def main() -> int:
         f"Python {platform.python_version()}.",
         f"Command: `python benchmarks/gpm_step_floor.py --result <clbench GPM result.json> --steps {args.steps}"
         + (f" --official-s {args.official_s}`" if args.official_s else "`"),
-        f"Ranks from: {result.get('config', {}).get('experiment_name', '?')}, seed {result.get('seed')}; "
+        f"Ranks from: {result.get('config', {}).get('protocol_name', '?')}, seed {result.get('seed')}; "
         f"{steps_per_task} steps per task (batch {BATCH}, {EPOCHS} epochs of {TRAIN_PER_TASK}), {num_tasks} tasks.",
         "",
         "| task | ranks projected | " + " | ".join(f"{v} {t} thr us/step" for t in threads for v in VARIANTS) + " |",
