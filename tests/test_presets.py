@@ -58,7 +58,13 @@ def test_settings_apply_only_to_their_pair(compose_cfg):
 
 def test_command_line_wins_over_protocol_and_settings(compose_cfg):
     config = compose_cfg(
-        ["protocol=gpm_pfmnist", "strategy=trgp", "strategy.trust_threshold=0.7", "trainer.epochs=1", "stream=split_digits"]
+        [
+            "protocol=gpm_pfmnist",
+            "strategy=trgp",
+            "strategy.trust_threshold=0.7",
+            "trainer.epochs=1",
+            "stream=split_digits",
+        ]
     )
     assert config.strategy.trust_threshold == 0.7
     assert config.trainer.epochs == 1
