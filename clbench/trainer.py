@@ -1,4 +1,7 @@
-"""The training loop over in-memory, device-resident batches, and evaluation into a row of R."""
+"""The training loop over in-memory, device-resident batches, and its dispatch to closed-form and CUDA-graph steps.
+
+Evaluation (rows of R, the validation loss) is :mod:`clbench.evaluator`'s; ``Trainer`` keeps thin entry points to it.
+"""
 
 from __future__ import annotations
 
@@ -13,18 +16,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clbench.closed_form import ClosedFormStep, KeptLogits, use_closed_form
+from clbench.evaluator import AMP_DTYPES, Evaluator
 from clbench.graphs import GraphedStep, use_graphs
+from clbench.loggers.progress import task_progress
 from clbench.optim import SGD
 from clbench.strategy import Batch, Strategy
-from clbench.streams import Segment, Stream, Task
+from clbench.streams import Stream, Task
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-AMP_DTYPES = {"bf16": torch.bfloat16}
 FitOptimizer = SGD | torch.optim.Optimizer
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# Rows of the first evaluation chunk sent through both in fp32 and rounded to eval_amp's dtype to decide
-# whether rounded inputs can be kept (Trainer._kept_form): enough to catch an fp32 input op, a few ms at most.
-PROBE_ROWS = 256
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,10 +54,9 @@ class Trainer:
     path; weights and their gradients keep the default layout, so projections that view gradients as
     matrices still work);
     ``compile`` compiles every model the strategy trains with ``torch.compile`` in that mode
-    (``reduce-overhead`` records CUDA graphs on a GPU, which pays for tiny-batch protocols). Evaluation
-    fills a row of R with one pass over all tasks' test sets in chunks of ``eval_batch_size`` samples or
-    more (``eval_chunk_mb``) where the task identity is not given to the model (``batched_eval``), from
-    inputs prepared once and kept across rows (``eval_cache_mb``). Training inputs are transformed for
+    (``reduce-overhead`` records CUDA graphs on a GPU, which pays for tiny-batch protocols). The
+    ``eval_*`` and ``batched_eval`` settings are read by the trainer's :class:`~clbench.evaluator.Evaluator`
+    (``evaluator``), which fills rows of R. Training inputs are transformed for
     ``prefetch_mb`` of batches at a time (the same batches; 0: batch by batch). On a GPU each training step
     is recorded as a CUDA graph and replayed (``cuda_graphs``, see :mod:`clbench.graphs`); on a CPU an
     MLP's gradients are written out without autograd where the strategy allows it (``closed_form``, see
@@ -95,10 +95,8 @@ class Trainer:
     val_losses: list[list[float]] = field(default_factory=list)
     graph_replays: list[int] = field(default_factory=list)
     closed_form_steps: list[int] = field(default_factory=list)
+    evaluator: Evaluator = field(init=False, repr=False, compare=False)
     _recording: bool = field(default=False, init=False, repr=False)
-    _eval_inputs: dict[tuple, Tensor] = field(default_factory=dict, init=False, repr=False)
-    _eval_cache_bytes: int = field(default=0, init=False, repr=False)
-    _eval_cache_lowp: bool | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -114,11 +112,8 @@ class Trainer:
             raise ValueError(f"trainer.lr_factor must be > 1 (the lr is divided by it), got {self.lr_factor}")
         if self.lr_min < 0:
             raise ValueError(f"trainer.lr_min must be >= 0, got {self.lr_min}")
-        for key in ("amp", "eval_amp"):
-            if getattr(self, key) is not None and getattr(self, key) not in AMP_DTYPES:
-                raise ValueError(
-                    f"unknown trainer.{key} {getattr(self, key)!r}: use null or one of {', '.join(AMP_DTYPES)}"
-                )
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise ValueError(f"unknown trainer.amp {self.amp!r}: use null or one of {', '.join(AMP_DTYPES)}")
         if self.prefetch_mb < 0:
             raise ValueError(f"trainer.prefetch_mb must be >= 0 (0: inputs batch by batch), got {self.prefetch_mb}")
         for key in ("cuda_graphs", "closed_form"):
@@ -132,16 +127,11 @@ class Trainer:
             raise ValueError(
                 f"trainer.block_threads must be null, auto or a thread count >= 1, got {self.block_threads!r}"
             )
-        if self.eval_cache_mb < 0:
-            raise ValueError(f"trainer.eval_cache_mb must be >= 0 (0: no cache), got {self.eval_cache_mb}")
-        if self.eval_chunk_mb < 0:
-            raise ValueError(
-                f"trainer.eval_chunk_mb must be >= 0 (0: chunks of eval_batch_size), got {self.eval_chunk_mb}"
-            )
         if self.graph_warmup_steps < 1:
             raise ValueError(f"trainer.graph_warmup_steps must be >= 1, got {self.graph_warmup_steps}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"unknown trainer.compile {self.compile!r}: use null or one of {', '.join(COMPILE_MODES)}")
+        self.evaluator = Evaluator(self)  # checks the evaluation settings
 
     @property
     def validates(self) -> bool:
@@ -152,9 +142,7 @@ class Trainer:
         """Bind the device-resident stream and a generator for batch order on its device."""
         self.stream = stream
         self.generator = torch.Generator(device=stream.device).manual_seed(seed)
-        self._eval_inputs.clear()
-        self._eval_cache_bytes = 0
-        self._eval_cache_lowp = None
+        self.evaluator.reset()
 
     def prepare(self, strategy: Strategy) -> None:
         """Apply ``compile`` to every model the strategy trains and evaluates (once, after ``setup``).
@@ -198,9 +186,10 @@ class Trainer:
     def model_inputs(self, split: str, index: Tensor, task_ids: int | Tensor) -> Tensor:
         """``stream.inputs`` in the memory format the trainer was asked for."""
         assert self.stream is not None
-        return self._memory_format(self.stream.inputs(split, index, task_ids))
+        return self.memory_format(self.stream.inputs(split, index, task_ids))
 
-    def _memory_format(self, x: Tensor) -> Tensor:
+    def memory_format(self, x: Tensor) -> Tensor:
+        """``x`` in NHWC memory format where ``channels_last`` asks and it is a batch of images, else as is."""
         if self.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
@@ -273,14 +262,7 @@ class Trainer:
         losses: list[float] = []
         accuracies: list[float] = []
         check_every = max(1, steps // max(1, self.nan_checks_per_epoch))
-        bar = tqdm(
-            total=epochs * steps,
-            desc=f"task {current.id + 1}/{len(stream)}",
-            disable=not self.progress,
-            leave=False,
-            unit="step",
-            mininterval=0.5,
-        )
+        bar = task_progress(epochs * steps, current.id, len(stream), self.progress)
         block_steps = self.prefetch_steps()
 
         def step_fn(batch: Batch) -> tuple[Tensor, Tensor]:
@@ -450,180 +432,22 @@ class Trainer:
             absent[list(task.classes)] = False
         return absent
 
-    @torch.no_grad()
-    def validation_loss(self, strategy: Strategy, tasks: Sequence[Task]) -> Tensor:
-        """Mean cross-entropy (a 0-d tensor) on the validation split of ``tasks``, in eval mode, through
-        the strategy's training-time forward (as GPM's ``test`` on the validation set)."""
-        assert self.stream is not None
-        for module in strategy.eval_modules():
-            module.eval()
-        total = torch.zeros((), device=self.stream.device)
-        count = 0
-        for task in tasks:
-            for start in range(0, int(task.val_index.numel()), self.eval_batch_size):
-                chosen = task.val_index[start : start + self.eval_batch_size]
-                with self.autocast():
-                    logits = strategy.forward(self.model_inputs("train", chosen, task.id), task.id)
-                targets = task.val_targets[start : start + self.eval_batch_size]
-                total += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-                count += int(chosen.numel())
-        return total / max(1, count)
+    def evaluate(self, strategy: Strategy, give_task_id: bool) -> list[float]:
+        """One row of R (``Evaluator.row``)."""
+        return self.evaluator.row(strategy, give_task_id)
 
-    def _predictions(
-        self,
-        strategy: Strategy,
-        split: str,
-        index: Tensor,
-        segments: Sequence[Segment],
-        given: int | None,
-        chunk: int,
-    ) -> Tensor:
-        """Predicted classes for pool positions ``index`` in chunks of ``chunk`` samples (no grad, autocast).
+    def accuracy(self, strategy: Strategy, task: Task, split: str = "test", give_task_id: bool = True) -> Tensor:
+        """Accuracy on one task's ``split`` (``Evaluator.accuracy``)."""
+        return self.evaluator.accuracy(strategy, task, split, give_task_id)
 
-        ``segments`` say which task each run of ``index`` belongs to. A chunk may span several runs (many
-        small test sets in one forward pass); its inputs are built run by run, so each part takes the
-        one-transform path of ``Stream.inputs`` instead of gathering a per-sample permutation table.
-        Each chunk's prepared inputs are kept for the next call on the same ``index``
-        tensor as the same tasks (a task's test set, the stream's evaluation plan: the inputs of every row
-        of R) while they fit in ``eval_cache_mb``. The key holds ``index`` itself, so it cannot be confused
-        with another tensor that later takes its address, and the segments' task ids, since tasks of a
-        permuted stream share one test index."""
-        chunks = []
-        owners = tuple((seg.start, seg.stop, seg.task_id) for seg in segments)
-        first = 0  # the first segment that may still overlap the current chunk
-        for start in range(0, int(index.numel()), chunk):
-            stop = start + chunk
-            while segments[first].stop <= start:
-                first += 1
-            key = (split, index, owners, chunk, start)
-            x = self._eval_inputs.get(key)
-            if x is None:
-                x = self._kept_form(strategy, self._chunk_inputs(split, index, segments[first:], start, stop), given)
-                if self._eval_cache_bytes + x.nbytes <= self.eval_cache_mb * 2**20:
-                    self._eval_inputs[key] = x
-                    self._eval_cache_bytes += x.nbytes
-            with self.autocast(evaluation=True):
-                logits = strategy.predict(x, given)
-            chunks.append(logits.argmax(dim=1))
-        return torch.cat(chunks) if chunks else index.new_empty(0)
-
-    def _kept_form(self, strategy: Strategy, x: Tensor, given: int | None) -> Tensor:
-        """Prepared evaluation inputs in the form they are kept and fed: under ``eval_amp``, in its dtype.
-
-        Autocast rounds the inputs of the model's first matmul or convolution to its dtype anyway, so
-        keeping them rounded halves the cache and skips that cast in every later row. A model that first
-        works on its inputs in fp32 (an input normalisation, a mask) would see different values, so the
-        first rows of the first prepared chunk of a run are sent through both ways, and rounded inputs are
-        kept only if the logits are bit for bit the same; otherwise inputs stay fp32 for the rest of the run."""
-        dtype = AMP_DTYPES.get(self.eval_amp or "")
-        if dtype is None or not x.is_floating_point() or x.dtype == dtype or self._eval_cache_lowp is False:
-            return x
-        rounded = x.to(dtype)
-        if self._eval_cache_lowp is None:
-            probe = slice(0, PROBE_ROWS)
-            with self.autocast(evaluation=True):
-                exact, low = strategy.predict(x[probe], given), strategy.predict(rounded[probe], given)
-            self._eval_cache_lowp = torch.equal(exact, low)
-        return rounded if self._eval_cache_lowp else x
-
-    def _chunk_inputs(self, split: str, index: Tensor, segments: Sequence[Segment], start: int, stop: int) -> Tensor:
-        """The model inputs of positions ``index[start:stop]``, built segment by segment; a chunk spanning
-        several segments has each written straight into its rows."""
-        assert self.stream is not None
-        stop = min(stop, int(index.numel()))
-        parts = []
-        for segment in segments:
-            if segment.start >= stop:
-                break
-            parts.append((max(segment.start, start), min(segment.stop, stop), segment.task_id))
-        if len(parts) == 1:
-            first, last, task_id = parts[0]
-            return self._memory_format(self.stream.inputs(split, index[first:last], task_id))
-        x = torch.empty((stop - start, *self.stream.input_shape), device=index.device)
-        for first, last, task_id in parts:
-            self.stream.inputs(split, index[first:last], task_id, out=x[first - start : last - start])
-        return self._memory_format(x)
+    def class_accuracy(self, strategy: Strategy, task: Task, num_classes: int, give_task_id: bool) -> list[float]:
+        """Per-class test accuracy (``Evaluator.class_accuracy``)."""
+        return self.evaluator.class_accuracy(strategy, task, num_classes, give_task_id)
 
     def eval_chunk_size(self) -> int:
-        """Samples per evaluation forward pass where any batch will do: ``eval_batch_size``, grown while a
-        chunk's prepared fp32 inputs stay within ``eval_chunk_mb``, if all evaluation inputs are kept
-        (``eval_cache_mb``).
+        """Samples per evaluation pass (``Evaluator.chunk_size``)."""
+        return self.evaluator.chunk_size()
 
-        Small inputs gain: a chunk of a few thousand runs an MLP's narrow later layers as larger, more
-        efficient products and makes fewer Python round trips (28x28 images go 5,349 at a time at 16 MB),
-        while large images, whose activations dominate memory, keep ``eval_batch_size``. Inputs prepared
-        anew every row do not: building a 16 MB chunk each time (out of the CPU's caches) cost more than the
-        larger products saved in ``benchmarks/runner_speed.py eval``'s uncached setup."""
-        assert self.stream is not None
-        sample_bytes = 4 * math.prod(self.stream.input_shape)
-        kept = int(self.stream.evaluation_plan.index.numel()) * sample_bytes <= self.eval_cache_mb * 2**20
-        if not kept:
-            return self.eval_batch_size
-        return max(self.eval_batch_size, int(self.eval_chunk_mb * 2**20) // sample_bytes)
-
-    def _chunk(self, strategy: Strategy, given: int | None) -> int:
-        """Samples per evaluation forward pass: the strategy's own inference batch where it infers one task
-        per batch (no task id given), else ``eval_chunk_size``."""
-        per_batch = strategy.inference_batch() if given is None else None
-        return per_batch if per_batch is not None else self.eval_chunk_size()
-
-    @torch.no_grad()
-    def accuracy(self, strategy: Strategy, task: Task, split: str = "test", give_task_id: bool = True) -> Tensor:
-        """Accuracy (percent, a 0-d tensor on the device) of ``strategy`` on one task's ``split``."""
-        assert self.stream is not None
-        index = task.test_index if split == "test" else task.val_index
-        targets = task.test_targets if split == "test" else task.val_targets
-        pool_split = "test" if split == "test" else "train"  # validation images live in the training pool
-        segments = [Segment(0, int(index.numel()), task.id)]
-        given = task.id if give_task_id else None
-        predicted = self._predictions(strategy, pool_split, index, segments, given, self._chunk(strategy, given))
-        return (predicted == targets).sum().double() * (100.0 / max(1, int(index.numel())))
-
-    def evaluate(self, strategy: Strategy, give_task_id: bool) -> list[float]:
-        """One row of R: accuracy in percent on every task's test set, seen and unseen (one host read).
-
-        Without task identity the model's prediction does not depend on which task a sample belongs to,
-        so all test sets go through the model together in large chunks (``batched_eval``); with it, task
-        by task, since the task id picks heads, masks or scaling matrices. A strategy that infers one task
-        per batch (``Strategy.inference_batch``) also goes task by task: a chunk mixing tasks would get one
-        inferred task for all of them."""
-        assert self.stream is not None
-        for module in strategy.eval_modules():
-            module.eval()
-        tasks = self.stream.evaluation_tasks
-        # One autocast region for the whole row: its cast weights are made once, not once per chunk. The
-        # passes run under no_grad, not inference_mode, because autocast keeps no cast-weight cache there.
-        with self.autocast(evaluation=True):
-            per_task = give_task_id or not self.batched_eval or strategy.inference_batch() is not None
-            if per_task or len(tasks) == 1:
-                row = torch.stack([self.accuracy(strategy, task, "test", give_task_id) for task in tasks])
-            else:
-                row = self._batched_row(strategy, tasks)
-        return row.cpu().tolist()
-
-    @torch.no_grad()
-    def _batched_row(self, strategy: Strategy, tasks: Sequence[Task]) -> Tensor:
-        assert self.stream is not None
-        plan = self.stream.evaluation_plan
-        predicted = self._predictions(strategy, "test", plan.index, plan.segments, None, self.eval_chunk_size())
-        hits = (predicted == plan.targets).double()
-        correct = torch.zeros(len(tasks), dtype=torch.float64, device=hits.device).index_add_(0, plan.owners, hits)
-        return correct * 100.0 / plan.sizes.clamp(min=1)
-
-    @torch.no_grad()
-    def class_accuracy(self, strategy: Strategy, task: Task, num_classes: int, give_task_id: bool) -> list[float]:
-        """Per-class test accuracy (percent; NaN for a class absent from the set) on one evaluation set."""
-        assert self.stream is not None
-        for module in strategy.eval_modules():
-            module.eval()
-        segments = [Segment(0, task.num_test, task.id)]
-        given = task.id if give_task_id else None
-        with self.autocast(evaluation=True):
-            predicted = self._predictions(
-                strategy, "test", task.test_index, segments, given, self._chunk(strategy, given)
-            )
-        targets = task.test_targets
-        hits = (predicted == targets).float()
-        correct = torch.bincount(targets, weights=hits, minlength=num_classes)[:num_classes]
-        total = torch.bincount(targets, minlength=num_classes)[:num_classes].float()
-        return (correct * 100.0 / total).cpu().tolist()
+    def validation_loss(self, strategy: Strategy, tasks: Sequence[Task]) -> Tensor:
+        """The lr schedule's validation loss (``Evaluator.validation_loss``)."""
+        return self.evaluator.validation_loss(strategy, tasks)

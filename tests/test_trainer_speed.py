@@ -82,7 +82,7 @@ def test_batched_chunks_straddling_tasks_build_inputs_one_task_at_a_time(compose
 
 def test_batched_evaluation_is_not_used_when_the_task_id_is_given(compose_cfg):
     strategy, stream, trainer = build(compose_cfg, ["stream=split_digits"])
-    trainer._batched_row = lambda *_: pytest.fail("task-aware evaluation must go task by task")
+    trainer.evaluator._batched_row = lambda *_: pytest.fail("task-aware evaluation must go task by task")
     assert len(trainer.evaluate(strategy, give_task_id=True)) == len(stream)
 
 
@@ -265,7 +265,7 @@ def test_evaluation_cache_stays_within_its_budget(compose_cfg):
     seen = count_input_calls(stream)
     for _ in range(2):
         row = trainer.evaluate(strategy, give_task_id=False)
-    assert trainer._eval_cache_bytes <= 2**20
+    assert trainer.evaluator.kept_bytes <= 2**20
     # 1 MB holds 1 chunk of 256 x 784 fp32 (0.77 MB): the second row prepares the other 3000 - 256
     assert sum(seen) == 3000 + 3000 - 256
     assert row == plain_trainer.evaluate(plain, give_task_id=False)
@@ -274,9 +274,9 @@ def test_evaluation_cache_stays_within_its_budget(compose_cfg):
 def test_attach_empties_the_evaluation_cache(compose_cfg):
     strategy, stream, trainer = build(compose_cfg, PERMUTED)
     trainer.evaluate(strategy, give_task_id=False)
-    assert trainer._eval_cache_bytes > 0
+    assert trainer.evaluator.kept_bytes > 0
     trainer.attach(stream, 1)
-    assert trainer._eval_cache_bytes == 0 and not trainer._eval_inputs
+    assert trainer.evaluator.kept_bytes == 0 and not trainer.evaluator.kept
 
 
 class InfersPerBatch(Finetune):
@@ -296,7 +296,7 @@ class InfersPerBatch(Finetune):
 
 def test_a_strategy_inferring_per_batch_gets_one_tasks_samples_in_its_own_batch_size(compose_cfg):
     strategy, stream, trainer = build(compose_cfg, PERMUTED, InfersPerBatch(), eval_batch_size=256, eval_chunk_mb=0)
-    trainer._batched_row = lambda *_: pytest.fail("chunks shared by all tasks would mix tasks")
+    trainer.evaluator._batched_row = lambda *_: pytest.fail("chunks shared by all tasks would mix tasks")
     trainer.evaluate(strategy, give_task_id=False)
     per_task = [70] * 14 + [20]  # each 1,000-sample test set on its own, in batches of 70
     assert strategy.batches == [(size, None) for size in per_task * len(stream)]
@@ -327,10 +327,10 @@ def test_bf16_evaluation_keeps_rounded_inputs_only_where_the_logits_are_unchange
         plain_trainer.fit(plain, [task])
         row = trainer.evaluate(cached, give_task_id=False)
         assert row == plain_trainer.evaluate(plain, give_task_id=False)
-    assert {x.dtype for x in trainer._eval_inputs.values()} == {kept_dtype}
-    assert trainer._eval_cache_lowp is (kept_dtype == torch.bfloat16)
+    assert {x.dtype for x in trainer.evaluator.kept.values()} == {kept_dtype}
+    assert trainer.evaluator.kept_rounded is (kept_dtype == torch.bfloat16)
     trainer.attach(stream, 1)
-    assert trainer._eval_cache_lowp is None  # a new run probes again
+    assert trainer.evaluator.kept_rounded is None  # a new run probes again
 
 
 def count_casts(trainer, strategy) -> int:
