@@ -16,10 +16,10 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
-from clbench.sweeps import job_context, register_resolvers, write_job_record
+from clbench.sweeps import job_context, register_resolvers, unsuccessful_jobs, write_job_record
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-CHECKED_GROUPS = ("stream", "model", "strategy", "trainer", "logger", "experiment")
+CHECKED_GROUPS = ("stream", "model", "strategy", "trainer", "logger", "experiment", "protocol")
 USER_ERROR_EXIT = 2
 
 
@@ -39,6 +39,14 @@ def _is_user_error(error: BaseException) -> bool:
     return isinstance(
         error, ConfigError | DatasetMissingError | UnsupportedScenarioError | NonFiniteLossError | ValueError
     )
+
+
+def _is_skip(error: BaseException) -> bool:
+    """A pair that cannot run by design (the strategy does not support the protocol's scenario): a sweep records
+    it as skipped; a single run still stops with the one-line error."""
+    from clbench.strategy import UnsupportedScenarioError
+
+    return isinstance(error, UnsupportedScenarioError)
 
 
 def _config_dirs(argv: list[str]) -> list[Path] | None:
@@ -84,6 +92,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         result = run(cfg)
     except Exception as error:  # every failure is reported, and isolated in a sweep
         cause = _root_cause(error)
+        if context.multirun and _is_skip(cause):
+            # a comparison sweep over every strategy meets pairs that cannot run (a scenario the strategy does not
+            # support): recorded with the reason, not counted as a failure, and the sweep goes on
+            write_job_record(context, {"status": "skipped", "reason": str(cause)})
+            print(f"clbench: skipped: {cause}", file=sys.stderr)
+            return None
         message = f"{type(cause).__name__}: {cause}" if not _is_user_error(cause) else str(cause)
         write_job_record(context, {"status": "failed", "error": message})
         if os.environ.get("HYDRA_FULL_ERROR") == "1" and not context.multirun:
@@ -119,6 +133,8 @@ def main() -> None:
     # made at import (~200k): about a third of a second, a tenth of a short run. Frozen objects are skipped;
     # nothing else of the shutdown changes (exit handlers and flushes still run).
     gc.freeze()
+    if unsuccessful_jobs():  # a sweep whose jobs failed (or vanished) says so in its exit code; skipped ones do not
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,23 +74,48 @@ def write_job_record(context: JobContext, record: dict[str, Any]) -> None:
     atomic_write_bytes(context.output_dir / "job.json", json.dumps(json_ready(payload), indent=2).encode())
 
 
+UNSUCCESSFUL = ("failed", "missing", "unreadable")  # statuses that make a sweep exit non-zero ("skipped" does not)
+_last_sweep: dict[str, int] = {}  # counts of the sweep that just ended in this process (read by the entry point)
+
+
+def unsuccessful_jobs() -> int:
+    """How many jobs of the sweep that ended in this process failed, left no record, or left an unreadable one."""
+    return sum(_last_sweep.get(status, 0) for status in UNSUCCESSFUL)
+
+
+def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every job of a sweep folder, in job order: its ``job.json``, or a ``missing`` record for a job folder whose
+    job ended before writing one (killed, out of memory), so that no job of a sweep goes unlisted."""
+    jobs = []
+    folders = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()] if sweep_dir.is_dir() else []
+    for folder in sorted(folders, key=lambda p: int(p.name)):
+        path = folder / "job.json"
+        if not path.exists():
+            jobs.append({"job_num": int(folder.name), "job_dir": str(folder), "status": "missing"})
+            continue
+        try:
+            jobs.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            jobs.append({"job_num": int(folder.name), "job_dir": str(folder), "status": "unreadable"})
+    return jobs
+
+
 class SweepIndex(Callback):
     """Hydra callback: at the end of a multirun, write ``index.json`` listing every job and its result."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        jobs = []
-        for path in sorted(
-            sweep_dir.glob("*/job.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0
-        ):
-            try:
-                jobs.append(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError):
-                jobs.append({"job_dir": str(path.parent), "status": "unreadable"})
+        jobs = read_jobs(sweep_dir)
         counts: dict[str, int] = {}
         for job in jobs:
             counts[job.get("status", "unknown")] = counts.get(job.get("status", "unknown"), 0) + 1
+        _last_sweep.clear()
+        _last_sweep.update(counts)
         index = {"sweep_dir": str(sweep_dir), "jobs": jobs, "counts": counts}
         atomic_write_bytes(sweep_dir / "index.json", json.dumps(json_ready(index), indent=2).encode())
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         print(f"clbench: sweep finished ({summary}); index: {sweep_dir / 'index.json'}")
+        for job in jobs:
+            if job.get("status") in UNSUCCESSFUL:
+                overrides = " ".join(job.get("overrides", [])) or job.get("job_dir", "")
+                print(f"clbench: job {job.get('job_num')} {job['status']}: {overrides}", file=sys.stderr)

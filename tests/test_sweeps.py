@@ -40,14 +40,40 @@ def test_two_job_sweep_writes_results_and_index(tmp_path, launcher):
     assert {p.parent.parent.name for p in tmp_path.glob("split_digits/*/*/result.json")} == {"finetune", "joint"}
 
 
-def test_failing_job_is_isolated(tmp_path):
+def test_failing_job_is_isolated_and_fails_the_sweep(tmp_path):
     done = clbench("-m", "trainer.lr=0.05,0.1,0.2,1e30", f"results_dir={tmp_path}", *QUIET, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 1, done.stderr[-2000:]  # the other jobs ran, but the sweep is not a success
     index = _index(tmp_path)
     assert index["counts"] == {"completed": 3, "failed": 1}
     statuses = sorted(json.loads(p.read_text())["status"] for p in tmp_path.glob("split_digits/finetune/*/result.json"))
     assert statuses == ["completed", "completed", "completed", "failed"]
     assert "training loss became nan" in done.stderr
+    assert "job 3 failed: trainer.lr=1e+30" in done.stderr
+
+
+def test_unsupported_pair_is_skipped_with_its_reason_and_the_sweep_succeeds(tmp_path):
+    """GPM supports the task and domain scenarios; in a class-incremental comparison it is skipped, not failed."""
+    done = clbench(
+        "-m", "strategy=finetune,gpm", "stream.scenario=class", f"results_dir={tmp_path}", *QUIET, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    index = _index(tmp_path)
+    assert index["counts"] == {"completed": 1, "skipped": 1}
+    skipped = [job for job in index["jobs"] if job["status"] == "skipped"]
+    assert "strategy=gpm" in skipped[0]["overrides"]
+    assert "supports the task/domain scenario(s), not 'class'" in skipped[0]["reason"]
+    assert not list(tmp_path.glob("split_digits/gpm/*/result.json"))
+
+
+def test_job_that_left_no_record_is_listed_missing(tmp_path):
+    from clbench.sweeps import read_jobs
+
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "job.json").write_text(json.dumps({"job_num": 0, "status": "completed"}))
+    (tmp_path / "1").mkdir()  # killed before it could write job.json
+    (tmp_path / "2").mkdir()
+    (tmp_path / "2" / "job.json").write_text("{not json")
+    assert [job["status"] for job in read_jobs(tmp_path)] == ["completed", "missing", "unreadable"]
 
 
 @pytest.mark.parametrize(
