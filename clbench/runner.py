@@ -7,6 +7,7 @@ and the result file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -20,30 +21,39 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from clbench import metrics
+from clbench import cost, metrics
 from clbench.l2m import summarize_l2m
+from clbench.lock import RunLock
 from clbench.loggers.base import Logger, RunInfo
 from clbench.loggers.console import ConsoleLogger
 from clbench.results import (
     SCHEMA,
     atomic_torch_save,
     config_digest,
+    experiment_identity,
     find_reference_run,
+    load_checkpoint,
     package_versions,
-    read_result,
-    without_paths,
+    provenance,
+    read_run_result,
+    recorded_source_digest,
     write_result,
 )
+from clbench.schema import ConfigError, check_config
 from clbench.scole import accumulation_summary
 from clbench.strategy import Strategy
 from clbench.sweeps import job_context
 from clbench.trainer import Trainer
 
 DEVICES = ("auto", "cpu", "cuda")
+RESUME_MODES = (True, False, "keep")
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the fix."""
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a task: the last finished task's checkpoint stays, and the same command resumes."""
+
+    def __init__(self, task_id: int) -> None:
+        super().__init__(f"interrupted during task {task_id}; rerun the same command to resume")
 
 
 def select_device(name: str, job_num: int = 0) -> torch.device:
@@ -83,24 +93,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def _experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a config that change results (not paths, loggers, progress bars or speed-only switches)."""
-    stream = without_paths(config.get("stream", {}))
-    # speed switches that leave R unchanged (bit for bit, or up to float rounding as a change of device would)
-    result_neutral = (
-        "progress",
-        "eval_batch_size",
-        "eval_chunk_mb",
-        "batched_eval",
-        "prefetch_mb",
-        "eval_cache_mb",
-        "cuda_graphs",
-        "closed_form",
-        "block_threads",
-        "graph_warmup_steps",
-    )
-    trainer = {k: v for k, v in config.get("trainer", {}).items() if k not in result_neutral}
-    keys = ("model", "strategy", "seed", "deterministic")
-    return {"stream": stream, "trainer": trainer, **{k: config.get(k) for k in keys}}
+    """The parts of a config that change results (the report groups by the same notion)."""
+    return experiment_identity(config)
 
 
 def _rng_state(trainer: Trainer) -> dict[str, Any]:
@@ -123,7 +117,17 @@ def _restore_rng_state(trainer: Trainer, state: dict[str, Any]) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one configured experiment end to end and return its result (also written to disk)."""
+    """Run one configured experiment end to end and return its result (also written to disk).
+
+    The whole config is checked first (:mod:`clbench.schema`: one line per bad value, before anything is
+    built), and the run folder stays locked while the run trains (:mod:`clbench.lock`), released however
+    it ends."""
+    check_config(cfg)
+    with contextlib.ExitStack() as cleanup:
+        return _run(cfg, cleanup)
+
+
+def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert isinstance(config, dict)
     config.pop("hydra", None)
@@ -147,19 +151,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_id = cfg.get("run_id") or f"seed{seed}-{config_digest(_experiment_identity(config))}"
     run_dir = Path(str(cfg.results_dir)) / stream.name / strategy.name / run_id
     result_path, checkpoint_path = run_dir / "result.json", run_dir / "checkpoint.pt"
-    resume = bool(cfg.get("resume", True))
+    resume_mode = cfg.get("resume", True)
+    if resume_mode not in RESUME_MODES:
+        raise ConfigError(f"resume={resume_mode} is not one of true, false, keep: use resume=true|false|keep")
+    resume = bool(resume_mode)
+    made_by = provenance(type(strategy))
     if resume and result_path.exists():
-        previous = read_result(result_path)
+        previous = read_run_result(result_path)
         if previous.get("status") == "completed":
-            print(f"clbench: {result_path} is already completed; pass resume=false to run it again")
-            return previous
+            recorded, today = recorded_source_digest(previous), made_by["strategy_source"]["digest"]
+            if recorded in (None, today) or resume_mode == "keep":
+                print(f"clbench: {result_path} is already completed; pass resume=false to run it again")
+                return previous
+            print(
+                f"clbench: {result_path} was made by other {strategy.name} source ({recorded}, now {today}): "
+                "running it again (resume=keep keeps the old result)"
+            )
+            resume = False  # its checkpoint comes from the old code too
     run_dir.mkdir(parents=True, exist_ok=True)
+    cleanup.enter_context(RunLock(run_dir))
 
     stream = stream.to(device)
     model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes).to(device)
     strategy.setup(model, stream)
     trainer.attach(stream, seed)
     trainer.prepare(strategy)
+    steps = cost.StepCounter()
+    steps.attach(trainer)
     give_task_id = stream.scenario == "task" or strategy.uses_task_oracle
     num_tasks = len(stream)
     task_names = [task.name for task in stream.evaluation_tasks]
@@ -175,7 +193,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     first_task = 0
     started = time.perf_counter()
     if resume and checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        checkpoint = load_checkpoint(checkpoint_path, device)
         strategy.load_state_dict(checkpoint["strategy"])
         _restore_rng_state(trainer, checkpoint["rng"])
         first_task = checkpoint["next_task"]
@@ -188,6 +206,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         learning_curves = checkpoint["learning_curves"]
         accuracy_curves = checkpoint.get("accuracy_curves", [])
         class_acc = checkpoint.get("class_acc", [])
+        for logger, state in zip(loggers, checkpoint.get("loggers", []), strict=False):
+            logger.load_state_dict(state)
+        steps.steps, steps.samples = checkpoint.get("train_steps", (0, 0))
         print(f"clbench: resuming {run_dir} after task {first_task - 1}")
     else:
         tick = time.perf_counter()
@@ -217,6 +238,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "tasks": [{"id": t.id, "name": t.name, "classes": list(t.classes), "num_train": t.num_train} for t in stream],
         "config": config,
         "versions": package_versions(),
+        "provenance": made_by,
         "device": str(device),
         "host": socket.gethostname(),
         "started_at": datetime.now(timezone.utc).isoformat(),
@@ -248,6 +270,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return result
 
     write_result(result_path, snapshot("running"))
+    check_extra_results(strategy, result)
     try:
         for task in stream.tasks[first_task:]:
             curves_before, replays_before = len(trainer.epoch_losses), sum(trainer.graph_replays)
@@ -284,9 +307,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "learning_curves": learning_curves,
                     "accuracy_curves": accuracy_curves,
                     "class_acc": class_acc,
+                    "train_steps": (steps.steps, steps.samples),
+                    "loggers": [logger.state_dict() for logger in loggers],
                 },
                 checkpoint_path,
             )
+            first_task = task.id + 1  # where a rerun resumes from
             write_result(result_path, snapshot("running"))
     except Exception as error:
         failed = snapshot("failed", f"{type(error).__name__}: {error}")
@@ -294,16 +320,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for logger in loggers:
             logger.finish(failed)
         raise
+    except KeyboardInterrupt:
+        raise RunInterrupted(first_task) from None
 
     title = f"{strategy.name} on {stream.name}"
     plots = bool(cfg.get("plots", True))
     if stream.square:
+        # references found at run time; clbench.report recomputes both from whatever runs it reads, in any order
         reference = find_reference_run(Path(str(cfg.results_dir)), stream.name, seed, config["stream"])
+        joint = find_reference_run(Path(str(cfg.results_dir)), stream.name, seed, config["stream"], "joint")
         if strategy.name == "independent":
             reference = {"acc_matrix": acc_matrix.tolist(), "train_acc_curves": accuracy_curves}
+        if strategy.name == "joint":
+            joint = {"acc_matrix": acc_matrix.tolist()}
         reference_acc = None if reference is None else np.diag(np.asarray(reference["acc_matrix"])).tolist()
+        joint_acc = None if joint is None else metrics.joint_reference(joint["acc_matrix"])
         result["reference_acc"] = reference_acc
-        result["metrics"] = metrics.summarize(acc_matrix, random_init_acc, reference_acc)
+        result["joint_reference_acc"] = joint_acc
+        result["metrics"] = metrics.summarize(acc_matrix, random_init_acc, joint_acc, reference_acc)
         result["metrics"].update(
             summarize_l2m(
                 acc_matrix,
@@ -331,6 +365,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             result["paths"]["curve"] = str(
                 save_curve(over_time, f"{title}: full test set", run_dir / "acc_over_time.png")
             )
+    result["cost"] = cost.measure(strategy, trainer, stream.tasks[-1], steps, device)
     extra = strategy.extra_results()
     clashing = sorted(set(extra) & set(result))
     if clashing:
@@ -338,10 +373,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result.update(extra)
     result["finished_at"] = datetime.now(timezone.utc).isoformat()
     snapshot("completed")
-    write_result(result_path, result)
-    for logger in loggers:
+    for logger in loggers:  # before the file says completed: an interrupted W&B finish is redone on rerun
         logger.finish(result)
+    write_result(result_path, result)
     return result
+
+
+# keys the runner adds to result.json only once the run is done
+LATE_RESULT_KEYS = ("metrics", "matrices", "reference_acc", "joint_reference_acc", "cost", "finished_at", "error")
+
+
+def check_extra_results(strategy: Strategy, result: dict[str, Any]) -> None:
+    """Probe ``strategy.extra_results()`` before training, so a key that clashes with the result file's own
+    stops the run at its start rather than after all the training (checked again at the end)."""
+    try:
+        keys = set(strategy.extra_results())
+    except Exception:  # its values may need trained state; the end-of-run check still holds
+        return
+    clashing = sorted(keys & (set(result) | set(LATE_RESULT_KEYS)))
+    if clashing:
+        raise ConfigError(
+            f"strategy {strategy.name!r} extra_results keys {clashing} clash with the result file's own: rename them"
+        )
 
 
 def flat_curves(curves: list[list[list[float]]] | None) -> list[list[float]] | None:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,6 +26,72 @@ if TYPE_CHECKING:
 
 class UnsupportedScenarioError(ValueError):
     """A strategy was asked to run on a scenario it does not support."""
+
+
+class UnresumableStrategyError(ValueError):
+    """A checkpoint of a strategy whose state the default ``state_dict`` could not save in full."""
+
+
+# set by Strategy.__init__ and by setup: saved as the model, or handed over again on resume
+BASE_ATTRIBUTES = ("model", "stream")
+
+
+def is_plain_state(value: Any) -> bool:
+    """Whether the default ``state_dict`` can save ``value`` as it is: tensors, modules, arrays, numbers,
+    strings, None, and lists / tuples / dicts (string keys) of those."""
+    if value is None or isinstance(value, bool | int | float | str | Tensor | nn.Module | np.ndarray | np.generic):
+        return True
+    if isinstance(value, list | tuple):
+        return all(is_plain_state(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str | int) and is_plain_state(v) for k, v in value.items())
+    return False
+
+
+@dataclass
+class ModuleState:
+    """A module attribute's ``state_dict`` in a checkpoint (the module itself is rebuilt by the strategy)."""
+
+    state: dict[str, Any]
+
+
+def saved_form(value: Any) -> Any:
+    """``value`` as the checkpoint keeps it: modules as their state (:class:`ModuleState`)."""
+    if isinstance(value, nn.Module):
+        return ModuleState(value.state_dict())
+    if isinstance(value, list | tuple):
+        return type(value)(saved_form(item) for item in value)
+    if isinstance(value, dict):
+        return {key: saved_form(item) for key, item in value.items()}
+    return value
+
+
+def restore_in_place(current: Any, saved: Any) -> Any:
+    """``saved`` written into ``current`` where both are tensors of one shape and dtype (or modules, or
+    lists / dicts of them with the same layout), so objects that others hold references to are updated;
+    ``saved`` itself otherwise."""
+    if isinstance(current, Tensor) and isinstance(saved, Tensor):
+        if current.shape == saved.shape and current.dtype == saved.dtype:
+            with torch.no_grad():
+                current.copy_(saved)
+            return current
+        return saved
+    if isinstance(saved, ModuleState):
+        if not isinstance(current, nn.Module):
+            raise UnresumableStrategyError(
+                "held a module when saved and none after setup(): override state_dict / load_state_dict to "
+                "rebuild it, or pass resume=false to start afresh"
+            )
+        current.load_state_dict(saved.state)
+        return current
+    if isinstance(current, list) and isinstance(saved, list) and len(current) == len(saved):
+        current[:] = [restore_in_place(c, s) for c, s in zip(current, saved, strict=True)]
+        return current
+    if isinstance(current, dict) and isinstance(saved, dict) and current.keys() == saved.keys():
+        for key in saved:
+            current[key] = restore_in_place(current[key], saved[key])
+        return current
+    return saved
 
 
 @dataclass
@@ -164,12 +232,53 @@ class Strategy:
         storage, task-inference accuracy); keys must not clash with the runner's own."""
         return {}
 
+    def kept_bytes(self) -> int:
+        """Bytes this strategy keeps between tasks beyond the model it trains (bases, masks, Fisher diagonals,
+        anchors, stored models), reported as a cost in result.json. The default counts the tensors of
+        ``state_dict()`` that the model's own state does not hold, each storage once; a strategy whose state
+        holds more than it needs (caches it could rebuild) overrides it."""
+        from clbench.cost import kept_bytes
+
+        assert self.model is not None
+        return kept_bytes(self.state_dict(), self.model.state_dict())
+
     # -- persistence ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue after the last finished task."""
+        """Everything needed to continue after the last finished task.
+
+        The default saves the model's state and every other attribute of the strategy that is plain data:
+        tensors, modules, arrays, numbers, strings, None, and lists / tuples / dicts of those (a user's
+        ``self.anchor = [p.detach().clone() ...]``). Attributes of any other kind are named under
+        ``unsaved``; a class that keeps such state overrides ``state_dict`` / ``load_state_dict`` to say how,
+        or its run refuses to resume (:meth:`load_state_dict`) rather than continue without it."""
         assert self.model is not None
-        return {"model": self.model.state_dict()}
+        attributes: dict[str, Any] = {}
+        unsaved: list[str] = []
+        for name, value in vars(self).items():
+            if name in BASE_ATTRIBUTES:
+                continue
+            if is_plain_state(value):
+                attributes[name] = saved_form(value)
+            else:
+                unsaved.append(name)
+        return {"model": self.model.state_dict(), "attributes": attributes, "unsaved": unsaved}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`state_dict` saved: tensors and modules in place where they still exist (so
+        references to them, e.g. into the model, stay valid), other values by assignment."""
         assert self.model is not None
+        unsaved = state.get("unsaved", [])
+        if unsaved and type(self).load_state_dict is Strategy.load_state_dict:
+            kinds = ", ".join(f"{name} ({type(getattr(self, name, None)).__name__})" for name in unsaved)
+            raise UnresumableStrategyError(
+                f"strategy {self.name!r} keeps {kinds}, which the default state_dict cannot save: override "
+                "state_dict / load_state_dict to save it, or pass resume=false to start afresh"
+            )
         self.model.load_state_dict(state["model"])
+        own = type(self).load_state_dict is Strategy.load_state_dict
+        for name, value in state.get("attributes", {}).items():
+            try:
+                setattr(self, name, restore_in_place(getattr(self, name, None), value))
+            except UnresumableStrategyError as error:
+                if own:  # a subclass that loads its own state may rebuild this one itself
+                    raise UnresumableStrategyError(f"strategy {self.name!r}: self.{name} {error}") from None
