@@ -20,6 +20,7 @@ from clbench.evaluator import AMP_DTYPES, Evaluator
 from clbench.graphs import GraphedStep, use_graphs
 from clbench.loggers.progress import task_progress
 from clbench.optim import SGD
+from clbench.schedule import PlateauSchedule
 from clbench.strategy import Batch, Strategy
 from clbench.streams import Stream, Task
 
@@ -40,11 +41,9 @@ class Trainer:
     device-resident pool. The loss is accumulated on the device and read once per epoch, so the step
     loop never waits for the host.
 
-    Optional paper-protocol schedule (GPM / TRGP official code; all off by default): with ``lr_patience``
-    > 0 the validation loss is read at the end of every epoch; after ``lr_patience`` epochs without a new
-    best the lr is divided by ``lr_factor``, and training of the task stops once the lr falls below
-    ``lr_min``. ``restore_best`` puts back, at the end of the task, the trained parameters of the epoch
-    with the lowest validation loss. Both need a validation split (``stream.val_fraction`` > 0).
+    Optional paper-protocol schedule (GPM / TRGP official code; off by default): with ``lr_patience`` > 0
+    or ``restore_best`` the validation loss is read at the end of every epoch and handed to a
+    :class:`~clbench.schedule.PlateauSchedule`. Both need a validation split (``stream.val_fraction`` > 0).
 
     Speed switches (off by default, each safe with masks and projections because it changes neither the
     parameters' layout nor which tensors the hooks see): ``amp="bf16"`` runs training forward passes under bf16
@@ -253,9 +252,7 @@ class Trainer:
         closed = self._closed_form_for(strategy, task_ids)
         closed_steps = 0
         optimizer = self._fit_optimizer(trained)
-        lr, patience, best_loss = self.lr, self.lr_patience, math.inf
-        best_state: list[Tensor] | None = None
-        val_losses: list[float] = []
+        schedule = PlateauSchedule(self.lr, self.lr_patience, self.lr_factor, self.lr_min, self.restore_best)
         absent = self._absent_classes(tasks)
         for module in strategy.eval_modules():
             module.train()
@@ -322,35 +319,20 @@ class Trainer:
             if not self.validates:
                 continue
             val_loss = float(self.validation_loss(strategy, tasks))
-            val_losses.append(val_loss)
             for module in strategy.eval_modules():
                 module.train()
-            if val_loss < best_loss:
-                best_loss, patience = val_loss, self.lr_patience
-                if self.restore_best:
-                    best_state = [p.detach().clone() for p in trained]
-            elif self.lr_patience > 0:
-                patience -= 1
-                if patience <= 0:
-                    lr /= self.lr_factor
-                    if lr < self.lr_min:
-                        break
-                    patience = self.lr_patience
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
+            if not schedule.update(val_loss, trained, optimizer):
+                break
         bar.close()
         if graphed is not None:
             graphed.release()
             self.graph_replays.append(graphed.replays)
         self.closed_form_steps.append(closed_steps)
         self._recording = False
-        if best_state is not None:
-            with torch.no_grad():
-                for param, best in zip(trained, best_state, strict=True):
-                    param.copy_(best)
+        schedule.restore(trained)
         self.epoch_losses.append(losses)
         self.epoch_accuracies.append(accuracies)
-        self.val_losses.append(val_losses)
+        self.val_losses.append(schedule.losses)
         return losses
 
     def _train_step(
