@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import pickle
 import platform
 import subprocess
 import tempfile
@@ -27,11 +28,26 @@ SCHEMA = "clbench.result/1"
 VERSIONED_PACKAGES = ("clbench", "torch", "torchvision", "numpy", "hydra-core", "avalanche-lib", "wandb")
 
 
+class CorruptRunFileError(ValueError):
+    """A run folder's result.json or checkpoint.pt cannot be read back; the message names the file."""
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
+
+    ``mkstemp`` makes its file 0600 whatever the umask; the file gets the mode a plain ``open`` would have
+    given it (0666 less the umask), so a group that shares a results folder can read every run."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
@@ -72,6 +88,35 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
 
 def read_result(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+def _corrupt(path: Path, error: BaseException) -> CorruptRunFileError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return CorruptRunFileError(
+        f"{path} cannot be read ({type(error).__name__}: {reason}): pass resume=false to start this run afresh"
+    )
+
+
+def read_run_result(path: Path) -> dict[str, Any]:
+    """A run's own result.json, for resuming it; a damaged file is one line naming it and ``resume=false``."""
+    try:
+        result = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _corrupt(path, error) from None
+    if not isinstance(result, dict):
+        raise _corrupt(path, TypeError(f"holds a {type(result).__name__}, not a result"))
+    return result
+
+
+def load_checkpoint(path: Path, device: torch.device | str) -> dict[str, Any]:
+    """A run's checkpoint.pt, for resuming it; a damaged file is one line naming it and ``resume=false``."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise _corrupt(path, error) from None
+    if not isinstance(checkpoint, dict) or "next_task" not in checkpoint:
+        raise _corrupt(path, TypeError("not a clbench checkpoint"))
+    return checkpoint
 
 
 def package_versions() -> dict[str, str]:
@@ -145,11 +190,12 @@ def git_state(folder: Path) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
-def _source_files(cls: type) -> list[Path]:
-    """The files a strategy's behaviour is written in: the file of every class in its MRO (the base class and
-    any user module included) and, where such a file sits in a sub-package (``strategies/gradient_projection/``),
-    its sibling modules, which hold the helpers it imports."""
-    files: set[Path] = set()
+def _source_files(cls: type) -> dict[str, Path]:
+    """The files a strategy's behaviour is written in, by their path from the import root
+    (``strategies/ewc.py``): the file of every class in its MRO (the base class and any user module included)
+    and, where such a file sits in a sub-package (``strategies/gradient_projection/``), its sibling modules,
+    which hold the helpers it imports."""
+    files: dict[str, Path] = {}
     for klass in cls.__mro__:
         if klass is object:
             continue
@@ -160,21 +206,20 @@ def _source_files(cls: type) -> list[Path]:
         if source is None:
             continue
         path = Path(source).resolve()
-        files.add(path)
-        if klass.__module__.count(".") >= 2:
-            files.update(p.resolve() for p in path.parent.glob("*.py"))
-    return sorted(files)
+        depth = klass.__module__.count(".")
+        root = path.parents[depth] if path.name != "__init__.py" else path.parents[depth + 1]
+        siblings = path.parent.glob("*.py") if depth >= 2 else [path]
+        files.update({p.resolve().relative_to(root).as_posix(): p.resolve() for p in siblings})
+    return dict(sorted(files.items()))
 
 
 def source_digest(cls: type) -> dict[str, Any]:
     """A hash of the source of strategy class ``cls`` (:func:`_source_files`): ``digest`` over every file's
     name and bytes, and ``files`` with each file's own hash, so a changed result can be traced to a file."""
     files = {}
-    for path in _source_files(cls):
+    for name, path in _source_files(cls).items():
         try:
-            files[path.name if path.parent.name in ("clbench", "strategies") else f"{path.parent.name}/{path.name}"] = (
-                hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-            )
+            files[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
         except OSError:
             continue
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]

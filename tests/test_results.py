@@ -1,0 +1,100 @@
+"""Provenance in result.json (version, git state, strategy source hash) and the rerun of a stale result."""
+
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clbench import results
+from clbench.strategy import Strategy
+
+TWO_SMALL_TASKS = ["stream.num_tasks=2", "stream.train_per_task=256"]
+
+
+def _user_module(folder, name, body):
+    (folder / f"{name}.py").write_text(
+        "from clbench.strategy import Strategy\n\n\nclass Mine(Strategy):\n    name = 'mine'\n" + body
+    )
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(folder))
+
+
+def test_source_digest_covers_a_user_module_and_the_base_class(tmp_path):
+    module = _user_module(tmp_path, "my_strategy_a", "    strength = 1.0\n")
+    first = results.source_digest(module.Mine)
+    assert first["class"] == "my_strategy_a.Mine"
+    assert set(first["files"]) == {"my_strategy_a.py", "clbench/strategy.py"}
+    (tmp_path / "my_strategy_a.py").write_text((tmp_path / "my_strategy_a.py").read_text() + "# changed\n")
+    second = results.source_digest(module.Mine)
+    assert second["digest"] != first["digest"]
+    assert second["files"]["clbench/strategy.py"] == first["files"]["clbench/strategy.py"]
+
+
+def test_a_sub_package_strategy_hashes_its_helper_modules():
+    from strategies.gradient_projection.gpm import GPM
+
+    files = results.source_digest(GPM)["files"]
+    assert "strategies/gradient_projection/projection.py" in files and "strategies/gradient_projection/gpm.py" in files
+
+
+def test_git_state_commit_and_dirty_flag(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert results.git_state(tmp_path) == {}  # not a checkout
+    git("init", "-q")
+    git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m", "x")
+    (tmp_path / "tracked.py").write_text("a = 1\n")
+    git("add", "tracked.py")
+    git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "y")
+    clean = results.git_state(tmp_path)
+    assert len(clean["commit"]) == 40 and clean["dirty"] is False
+    (tmp_path / "untracked.txt").write_text("results do not make a tree dirty")
+    assert results.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "tracked.py").write_text("a = 2\n")
+    assert results.git_state(tmp_path)["dirty"] is True
+
+
+def test_provenance_names_version_and_strategy_source():
+    record = results.provenance(Strategy)
+    assert record["clbench_version"] and record["strategy_source"]["class"] == "clbench.strategy.Strategy"
+    assert results.recorded_source_digest({"provenance": record}) == record["strategy_source"]["digest"]
+    assert results.recorded_source_digest({}) is None
+
+
+def test_a_stale_result_is_rerun_and_resume_keep_keeps_it(run_tiny, tmp_path, capsys):
+    first = run_tiny(TWO_SMALL_TASKS)
+    module, _, name = first["provenance"]["strategy_source"]["class"].rpartition(".")
+    strategy_class = getattr(importlib.import_module(module), name)
+    assert first["provenance"]["strategy_source"]["digest"] == results.source_digest(strategy_class)["digest"]
+    path = tmp_path / "results" / first["paths"]["result"].split("results/", 1)[1]
+    stale = json.loads(path.read_text())
+    stale["provenance"]["strategy_source"]["digest"] = "0ldc0de"
+    stale["metrics"]["acc"] = -1.0  # a marker: a reused result would carry it
+    path.write_text(json.dumps(stale))
+    capsys.readouterr()
+
+    kept = run_tiny([*TWO_SMALL_TASKS, "resume=keep"])
+    assert kept["metrics"]["acc"] == -1.0 and "already completed" in capsys.readouterr().out
+
+    rerun = run_tiny(TWO_SMALL_TASKS)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "0ldc0de" in line]
+    assert len(lines) == 1 and "running it again" in lines[0] and "resume=keep" in lines[0]
+    assert rerun["metrics"]["acc"] == pytest.approx(first["metrics"]["acc"])
+    assert rerun["run_id"] == first["run_id"]
+    assert json.loads(path.read_text())["provenance"]["strategy_source"]["digest"] != "0ldc0de"
+
+    again = run_tiny(TWO_SMALL_TASKS)  # today's source: reused, not rerun
+    assert again["started_at"] == rerun["started_at"] and "already completed" in capsys.readouterr().out
+
+
+def test_resume_rejects_other_values(run_tiny):
+    from clbench.runner import ConfigError
+
+    with pytest.raises(ConfigError, match=r"resume.*keep"):
+        run_tiny([*TWO_SMALL_TASKS, "resume=sometimes"])
