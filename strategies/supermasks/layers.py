@@ -7,6 +7,11 @@ task is learned: the cache is filled once per task and never re-sorted. With no 
 mixes the cached masks with weights ``alphas`` (SupSup's superposition, Wortsman et al. 2020), which is
 what one-shot task inference differentiates. :class:`TaskBatchNorm` keeps one non-affine batch-norm per
 task, as SupSup's ``MultitaskNonAffineBN``, so no task's normalisation moves under another's training.
+
+Biases: SupSup, ExSSNeT and WSN mask weights only and their layers carry no bias (the official code builds
+every layer with ``bias=False``). :func:`convert_model` refuses a model with biases for them rather than
+dropping the biases silently, which would run a different network than the configuration (and the result
+file) says; PackNet keeps them (``biases="keep"``: trained on the first task, then frozen, as its paper).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SHARED = "shared"
+BIASES = ("refuse", "keep")
+NORMS = ("per_task", "keep")
 
 
 def num_kept(numel: int, density: float) -> int:
@@ -171,7 +178,8 @@ class MaskedLayer(nn.Module):
 
 
 class MaskedLinear(MaskedLayer):
-    """``nn.Linear`` without bias whose weight is multiplied by the active task's supermask."""
+    """``nn.Linear`` whose weight is multiplied by the active task's supermask; the source's bias (unmasked,
+    shared by all tasks) only with ``bias=True``."""
 
     def __init__(
         self,
@@ -181,21 +189,24 @@ class MaskedLinear(MaskedLayer):
         scores: str,
         weight_init: str,
         train_weights: bool,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = source.in_features, source.out_features
         self.weight = nn.Parameter(source.weight.detach().clone())
+        self.bias = _copied_bias(source, bias)
         self._init_masking(owners, density, scores, weight_init, train_weights)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.effective_weight())
+        return F.linear(x, self.effective_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, density={self.density}, owners={len(self.owners)}"
 
 
 class MaskedConv2d(MaskedLayer):
-    """``nn.Conv2d`` without bias whose weight is multiplied by the active task's supermask."""
+    """``nn.Conv2d`` whose weight is multiplied by the active task's supermask; the source's bias (unmasked,
+    shared by all tasks) only with ``bias=True``."""
 
     def __init__(
         self,
@@ -205,19 +216,28 @@ class MaskedConv2d(MaskedLayer):
         scores: str,
         weight_init: str,
         train_weights: bool,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = source.in_channels, source.out_channels
         self.stride, self.padding = source.stride, source.padding
         self.dilation, self.groups = source.dilation, source.groups
         self.weight = nn.Parameter(source.weight.detach().clone())
+        self.bias = _copied_bias(source, bias)
         self._init_masking(owners, density, scores, weight_init, train_weights)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.effective_weight(), None, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, density={self.density}, owners={len(self.owners)}"
+
+
+def _copied_bias(source: nn.Linear | nn.Conv2d, keep: bool) -> nn.Parameter | None:
+    """A copy of ``source``'s bias where kept, else None."""
+    if not keep or source.bias is None:
+        return None
+    return nn.Parameter(source.bias.detach().clone())
 
 
 class TaskBatchNorm(nn.Module):
@@ -262,14 +282,31 @@ def convert_model(
     weight_init: str,
     train_weights: bool,
     private_density: float | None = None,
+    biases: str = "refuse",
+    norms: str = "per_task",
 ) -> list[MaskedLayer]:
-    """Swap every Linear / Conv2d of ``model`` for its masked version and every batch-norm for a
-    :class:`TaskBatchNorm`, in place; returns the masked layers in module order.
+    """Swap every Linear / Conv2d of ``model`` for its masked version and (``norms="per_task"``) every
+    batch-norm for a :class:`TaskBatchNorm`, in place; returns the masked layers in module order.
 
     With ``task_heads`` the layers of ``model.heads.heads[h]`` belong to task ``h`` alone; every other
     layer belongs to all tasks. ``private_density`` (if given) overrides the density of task-private
-    layers (WSN and PackNet keep per-task classifiers dense).
+    layers (WSN and PackNet keep per-task classifiers dense). ``biases="refuse"`` stops with a one-line
+    error naming the fix when a layer has a bias (the masked layers of SupSup / ExSSNeT / WSN have none);
+    ``"keep"`` carries each bias over unmasked. ``norms="keep"`` leaves the model's batch-norms as they are.
     """
+    if biases not in BIASES:
+        raise ValueError(f"unknown bias handling {biases!r}: use one of {', '.join(BIASES)}")
+    if norms not in NORMS:
+        raise ValueError(f"unknown batch-norm handling {norms!r}: use one of {', '.join(NORMS)}")
+    if biases == "refuse":
+        with_bias = [
+            name for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d) and m.bias is not None
+        ]
+        if with_bias:
+            raise ValueError(
+                f"this supermask strategy's masked layers carry no bias, but the model has biases ({with_bias[0]}, "
+                f"{len(with_bias)} layers): set model.bias=false"
+            )
     head_owner: dict[int, int] = {}
     if task_heads:
         for h, head in enumerate(model.heads.heads):
@@ -284,9 +321,9 @@ def convert_model(
                 if len(owners) == 1 and private_density is not None:
                     d = private_density
                 cls = MaskedLinear if isinstance(child, nn.Linear) else MaskedConv2d
-                layer = cls(child, owners, d, scores, weight_init, train_weights).to(child.weight.device)
-                setattr(parent, child_name, layer)
-            elif isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                layer = cls(child, owners, d, scores, weight_init, train_weights, biases == "keep")
+                setattr(parent, child_name, layer.to(child.weight.device))
+            elif norms == "per_task" and isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 setattr(parent, child_name, TaskBatchNorm(child, num_tasks).to(_device_of(model)))
     for module in model.modules():
         if isinstance(module, MaskedLayer):

@@ -78,7 +78,7 @@ def _masked_setup(strategy, num_tasks: int = 5, **trainer_settings: Any):
     torch.manual_seed(0)
     data = load_synthetic(num_classes=2 * num_tasks, shape=(1, 8, 8), train_per_class=40, test_per_class=10)
     stream = split_stream(data, num_tasks, 2)
-    strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[32, 32]), stream)
+    strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[32, 32], bias=False), stream)
     settings = {"epochs": 1, "batch_size": 16, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, **trainer_settings}
     trainer = Trainer(progress=False, **settings)
     trainer.attach(stream, 0)

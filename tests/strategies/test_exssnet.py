@@ -83,6 +83,7 @@ def test_end_to_end_zero_forgetting(run_tiny):
             "strategy.knn_k=10",
             "strategy.density=0.05",
             "model.hidden=[32]",
+            "model.bias=false",
         ]
     )
     assert result["metrics"]["bwt"] == 0.0 and result["metrics"]["forgetting"] == 0.0

@@ -84,7 +84,7 @@ def test_mixture_with_one_hot_alphas_equals_the_task_mask():
 
 @pytest.mark.parametrize(("model_cls", "shape"), [(MLP, (1, 8, 8)), (AlexNet, (3, 32, 32)), (ResNet18, (3, 32, 32))])
 def test_convert_model_swaps_every_layer(model_cls, shape):
-    model = model_cls(shape, [3, 5])
+    model = model_cls(shape, [3, 5], **({"bias": False} if model_cls is MLP else {}))
     masked = convert_model(model, 2, True, 0.1, "uniform", "per_task", "signed_constant", False)
     assert not any(type(m) in (nn.Linear, nn.Conv2d) for m in model.modules())
     per_task = {id(n) for m in model.modules() if isinstance(m, TaskBatchNorm) for n in m.norms}
@@ -102,3 +102,31 @@ def test_er_density_budget():
     assert layer_density(weight, 0.1, "uniform") == 0.1
     assert layer_density(weight, 10.0, "er") == pytest.approx(10.0 * 884 / 78400)
     assert layer_density(torch.empty(4, 4), 10.0, "er") == 0.5
+
+
+def test_a_model_with_biases_is_refused_with_the_fix_named():
+    """Masked layers used to drop a model's biases silently (the MLP's default is bias: true)."""
+    model = MLP((1, 8, 8), [3], hidden=[16], bias=True)
+    with pytest.raises(ValueError, match=r"set model\.bias=false") as error:
+        convert_model(model, 2, False, 0.5, "uniform", "per_task", "signed_constant", False)
+    assert "\n" not in str(error.value)
+    assert all(type(m) is not MaskedLinear for m in model.modules())  # refused before anything was swapped
+
+
+def test_kept_biases_are_carried_over_and_used():
+    torch.manual_seed(0)
+    model = MLP((1, 8, 8), [3], hidden=[16], bias=True)
+    x = torch.randn(5, 1, 8, 8)
+    expected = model(x)
+    convert_model(model, 2, False, 1.0, "uniform", "none", "default", True, biases="keep", norms="keep")
+    layers = [m for m in model.modules() if isinstance(m, MaskedLayer)]
+    assert all(isinstance(m.bias, nn.Parameter) for m in layers)
+    assert torch.allclose(model(x), expected, atol=1e-6)  # dense mask, same weights and biases: same function
+
+
+def test_kept_norms_stay_the_models_own():
+    model = AlexNet((3, 32, 32), [2], channels=[4, 4, 4], hidden=[8, 8])
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+    convert_model(model, 2, False, 1.0, "uniform", "none", "default", True, biases="keep", norms="keep")
+    assert [m for m in model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)] == norms
+    assert not any(isinstance(m, TaskBatchNorm) for m in model.modules())

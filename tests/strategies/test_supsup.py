@@ -18,7 +18,7 @@ def build(strategy, scenario="task", num_tasks=5, epochs=1, permuted=False):
         stream = permuted_stream(data, num_tasks, scenario=scenario)
     else:
         stream = split_stream(data, num_tasks, 2, scenario=scenario)
-    strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[32, 32]), stream)
+    strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[32, 32], bias=False), stream)
     trainer = Trainer(
         epochs=epochs, batch_size=16, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=1e-3, progress=False
     )
@@ -65,7 +65,7 @@ def test_gnu_task_inference_beats_chance():
         data = load_synthetic(num_classes=4, shape=(1, 10, 10), train_per_class=100, test_per_class=50)
         stream = permuted_stream(data, 3, scenario="domain")
         strategy = SupSup(density=0.3, inference=inference, inference_batch_size=50)
-        strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[64]), stream)
+        strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[64], bias=False), stream)
         trainer = Trainer(epochs=5, batch_size=16, lr=0.01, optimizer="adam", progress=False)
         trainer.attach(stream, 0)
         for task in stream:
@@ -112,7 +112,13 @@ def test_resume_restores_masks_and_logits():
 
 def test_end_to_end_gg_zero_forgetting_and_storage(run_tiny):
     result = run_tiny(
-        ["strategy=supsup", "stream=split_fashion_mnist", "stream.train_per_task=300", "model.hidden=[32]"]
+        [
+            "strategy=supsup",
+            "stream=split_fashion_mnist",
+            "stream.train_per_task=300",
+            "model.hidden=[32]",
+            "model.bias=false",
+        ]
     )
     assert result["metrics"]["bwt"] == 0.0 and result["metrics"]["forgetting"] == 0.0
     storage = result["mask_storage"]
@@ -130,6 +136,7 @@ def test_end_to_end_gnu_reports_task_inference(run_tiny):
             "stream.scenario=domain",
             "stream.num_tasks=3",
             "model.hidden=[32]",
+            "model.bias=false",
             "strategy.inference_batch_size=50",
             "strategy.inference=binary",
         ]

@@ -37,7 +37,14 @@ def test_masks_keep_top_c_and_heads_dense(masked_setup):
 
 def test_end_to_end_zero_forgetting(run_tiny):
     result = run_tiny(
-        ["strategy=wsn", "stream=synthetic", "model.hidden=[32]", "trainer.optimizer=adam", "trainer.lr=0.001"]
+        [
+            "strategy=wsn",
+            "stream=synthetic",
+            "model.hidden=[32]",
+            "model.bias=false",
+            "trainer.optimizer=adam",
+            "trainer.lr=0.001",
+        ]
     )
     assert result["metrics"]["bwt"] == 0.0 and result["metrics"]["forgetting"] == 0.0
     assert result["metrics"]["acc"] > 60.0
