@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 
 from clbench.streams import Task
 from strategies.regularization import ParamDict, QuadraticRegularizer
@@ -29,11 +32,63 @@ def batch_fisher_diagonal(strategy: QuadraticRegularizer, task: Task, params: di
     for x, y in strategy.task_batches(task):
         log_likelihood = -F.cross_entropy(strategy.forward(x, task.id), y)
         grads = torch.autograd.grad(log_likelihood, tensors, allow_unused=True)
-        for acc, grad in zip(fisher, grads, strict=True):
-            if grad is not None:
-                acc.add_(grad.pow(2))
+        for acc, g in zip(fisher, grads, strict=True):
+            if g is not None:
+                acc.add_(g.pow(2))
         num_batches += 1
     return {name: acc / max(1, num_batches) for name, acc in zip(names, fisher, strict=True)}
+
+
+def per_sample_gradients(
+    strategy: QuadraticRegularizer,
+    task: Task,
+    params: dict[str, nn.Parameter],
+    objective: Callable[[Tensor, Tensor], Tensor],
+) -> list[tuple[Tensor, ...]]:
+    """For each consecutive batch of ``task``'s training set, the gradient of ``objective(output, y)`` for
+    every sample on its own: a tuple (one entry per tensor of ``params``) of ``[batch, *shape]`` tensors.
+
+    ``torch.func.vmap`` over ``torch.func.grad`` of a one-sample forward, so a batch costs one vectorised
+    pass instead of |b| backward passes. ``objective`` sees a one-sample output ``[1, C]`` and target ``[1]``.
+    The model must be in the mode the caller wants (eval: no dropout, batch-norm running statistics).
+    """
+    assert strategy.model is not None
+    model, names = strategy.model, list(params)
+
+    def one_sample(values: tuple[Tensor, ...], x: Tensor, y: Tensor) -> Tensor:
+        swapped = dict(zip(names, values, strict=True))
+        output = functional_call(model, swapped, (x.unsqueeze(0), strategy.head_ids(task.id)))
+        return objective(output, y.unsqueeze(0))
+
+    per_sample = vmap(grad(one_sample), in_dims=(None, 0, 0))
+    values = tuple(p.detach() for p in params.values())
+    return [per_sample(values, x, y) for x, y in strategy.task_batches(task)]
+
+
+def sample_fisher_diagonal(strategy: QuadraticRegularizer, task: Task, params: dict[str, nn.Parameter]) -> ParamDict:
+    """Diagonal empirical Fisher as Kirkpatrick et al. define it: F_i = mean over the task's training samples
+    n of (d log p(y_n | x_n; theta) / d theta_i) ** 2, with y_n the true label (the *empirical* Fisher; the
+    paper's supplement samples y from the model, most implementations and this one take the label). The
+    square is taken per sample (``torch.func`` vmap), so F does not depend on the batch size."""
+    assert strategy.model is not None
+    strategy.model.eval()
+    fisher = {name: torch.zeros_like(p) for name, p in params.items()}
+    count = 0
+    for grads in per_sample_gradients(strategy, task, params, lambda out, y: -F.cross_entropy(out, y)):
+        for name, g in zip(params, grads, strict=True):
+            fisher[name].add_(g.pow(2).sum(dim=0))
+        count += grads[0].shape[0] if grads else 0
+    return {name: value / max(1, count) for name, value in fisher.items()}
+
+
+FISHERS = {"batch": batch_fisher_diagonal, "per_sample": sample_fisher_diagonal}
+
+
+def fisher_estimate(name: str) -> Callable[[QuadraticRegularizer, Task, dict[str, nn.Parameter]], ParamDict]:
+    """The Fisher estimator called ``name`` (``strategy.fisher``); a one-line error names the choices."""
+    if name not in FISHERS:
+        raise ValueError(f"strategy.fisher must be one of {', '.join(FISHERS)}, got {name!r}")
+    return FISHERS[name]
 
 
 class EWC(QuadraticRegularizer):
@@ -42,19 +97,36 @@ class EWC(QuadraticRegularizer):
     Kirkpatrick et al. keep one penalty per old task. A sum of quadratics is one quadratic, so this
     class stores the summed Fisher F = sum_k F_k and the Fisher-weighted mean anchor
     m = sum_k F_k theta*_k / F: the loss differs from the per-task sum only by a constant and the
-    gradient is identical, at the memory of one anchor. The penalty has no 1/2 factor (Avalanche's
-    convention), so ``ewc_lambda`` here equals Avalanche's ``ewc_lambda``. See
-    :func:`batch_fisher_diagonal` for the Fisher variant.
+    gradient is identical, at the memory of one anchor.
+
+    Scale of ``ewc_lambda``. The paper's penalty is (lambda_paper / 2) sum F (theta - theta*)^2 with the
+    per-sample Fisher; this one has no 1/2 (Avalanche's convention), so:
+
+    * ``fisher: per_sample`` (the paper's Fisher, :func:`sample_fisher_diagonal`):
+      ``ewc_lambda = lambda_paper / 2``.
+    * ``fisher: batch`` (the default, Avalanche's estimate, :func:`batch_fisher_diagonal`): the Fisher is
+      about |b| times smaller, so ``ewc_lambda ~ lambda_paper * |b| / 2`` (|b| = importance_batch_size or
+      the trainer's batch size), and ``ewc_lambda`` equals Avalanche's ``ewc_lambda``. It stays the default
+      because the shipped strengths and results were tuned with it and it keeps Avalanche comparisons
+      one-to-one; it is one backward pass per batch instead of a vectorised per-sample pass.
     """
 
     name = "ewc"
     graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs
 
-    def __init__(self, ewc_lambda: float = 10.0, importance_batch_size: int | None = None) -> None:
-        super().__init__(ewc_lambda, importance_batch_size)
+    def __init__(
+        self,
+        ewc_lambda: float = 10.0,
+        importance_batch_size: int | None = None,
+        fisher: str = "batch",
+        stable_penalty: bool = True,
+    ) -> None:
+        super().__init__(ewc_lambda, importance_batch_size, stable_penalty)
+        self.fisher = fisher
+        self._estimate = fisher_estimate(fisher)
 
     def estimate_importance(self, task: Task, params: dict[str, nn.Parameter]) -> ParamDict:
-        return batch_fisher_diagonal(self, task, params)
+        return self._estimate(self, task, params)
 
     def consolidate(self, new_importance: ParamDict, new_anchor: ParamDict) -> None:
         for name, fisher in new_importance.items():

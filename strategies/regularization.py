@@ -5,6 +5,21 @@ differ only in how ``importance`` is estimated after a task and how it is merged
 (Kirkpatrick et al. 2017; Schwarz et al. 2018; Zenke et al. 2017; Aljundi et al. 2018). A subclass
 implements :meth:`QuadraticRegularizer.estimate_importance` and, where it differs from summing,
 :meth:`QuadraticRegularizer.consolidate`.
+
+Stability under plain SGD. The penalty's curvature along weight i is ``2 * strength * importance_i``, and
+an explicit gradient step of size ``lr`` on a quadratic of curvature h diverges once ``lr * h >= 2`` (with
+heavy-ball momentum mu: ``lr * h >= 2 (1 + mu)``): each step then overshoots the anchor by more than it
+corrects. The papers' strengths were set for small steps (MAS: lambda = 1 at SGD lr 0.0008; SI:
+c = 0.1 under Adam lr 0.001), where this never happens; at the default job's SGD lr 0.1 a few weights
+of MAS (strength * importance up to ~23 after one task) and SI (up to ~10.5) cross the bound, their
+distance to the anchor grows by a factor |1 - lr h| > 1 per step, and the loss reaches inf within a task
+(SI's path integral then feeds the oscillation back into the next task's importance). With
+``stable_penalty`` on (the default), the strategy caps ``strength * importance`` at
+``(1 + mu) / (2 lr)`` for SGD - half the bound, so a capped weight is pulled back at most onto its anchor
+in one step and never oscillates - and leaves every weight below the cap untouched; under Adam / AdamW
+(steps bounded by lr whatever the curvature) nothing is capped. The fraction of capped importances per
+task is reported in result.json (``penalty_capped``). ``stable_penalty: false`` is the papers' plain
+penalty.
 """
 
 from __future__ import annotations
@@ -34,6 +49,16 @@ def detached_copy(params: dict[str, nn.Parameter]) -> ParamDict:
     return {name: p.detach().clone() for name, p in params.items()}
 
 
+def stiffness_limit(trainer: Trainer) -> float | None:
+    """The largest ``strength * importance`` the trainer's optimizer steps through without overshooting
+    the anchor: ``(1 + momentum) / (2 lr)`` for SGD (half the explicit-step stability bound on a quadratic
+    of curvature 2 * strength * importance); None for Adam / AdamW, whose per-weight steps are bounded by
+    lr and so cannot blow up on a stiff quadratic."""
+    if trainer.optimizer != "sgd":
+        return None
+    return (1.0 + trainer.momentum) / (2.0 * trainer.lr)
+
+
 def quadratic_penalty(params: dict[str, nn.Parameter], anchor: ParamDict, importance: ParamDict) -> Tensor:
     """``sum_i importance_i * (theta_i - anchor_i)^2`` over the parameters present in all three dicts."""
     names = [name for name in params if name in importance]
@@ -53,15 +78,18 @@ class QuadraticRegularizer(Strategy):
 
     name = "quadratic"
 
-    def __init__(self, strength: float, importance_batch_size: int | None = None) -> None:
+    def __init__(self, strength: float, importance_batch_size: int | None = None, stable_penalty: bool = True) -> None:
         super().__init__()
         if strength < 0:
             raise ValueError(f"the regularisation strength must be >= 0, got {strength}")
         self.strength = float(strength)
         self.importance_batch_size = importance_batch_size
+        self.stable_penalty = bool(stable_penalty)
         self.anchor: ParamDict = {}
         self.importance: ParamDict = {}
         self.tasks_seen = 0
+        self.capped: list[float] = []  # per task: fraction of importances capped by stable_penalty
+        self._effective: ParamDict = {}  # the importances the penalty uses during the current task
         self._trained: dict[str, nn.Parameter] = {}
         self._batch_size = 64
 
@@ -70,8 +98,21 @@ class QuadraticRegularizer(Strategy):
         assert self.model is not None
         self._trained = named_subset(self.model, self.parameters(task))
         self._batch_size = self.importance_batch_size or trainer.batch_size
+        self._effective = self.effective_importance(stiffness_limit(trainer) if self.stable_penalty else None)
         self.before_fit(task)
         trainer.fit(self, [task])
+
+    def effective_importance(self, limit: float | None) -> ParamDict:
+        """The importances the penalty uses: ``self.importance`` with ``strength * importance`` capped at
+        ``limit`` (see the module docstring); records the fraction capped for this task."""
+        if limit is None or self.strength == 0 or not self.importance:
+            self.capped.append(0.0)
+            return dict(self.importance)
+        bound = limit / self.strength
+        over = sum(int((value > bound).sum()) for value in self.importance.values())
+        total = sum(value.numel() for value in self.importance.values())
+        self.capped.append(over / max(1, total))
+        return {name: value.clamp_max(bound) for name, value in self.importance.items()}
 
     def loss(self, output: Tensor, y: Tensor, batch: Batch, task: Task) -> Tensor:
         return F.cross_entropy(output, y) + self.strength * self.penalty()
@@ -83,6 +124,7 @@ class QuadraticRegularizer(Strategy):
         new_importance = self.estimate_importance(task, trained)
         self.model.train(was_training)
         self.consolidate(new_importance, detached_copy(trained))
+        self._effective = dict(self.importance)  # uncapped until the next fit_task knows the optimizer
         self.tasks_seen += 1
 
     # -- what a method fills in ----------------------------------------------------------------------
@@ -102,9 +144,9 @@ class QuadraticRegularizer(Strategy):
     # -- shared pieces -------------------------------------------------------------------------------
     def penalty(self) -> Tensor:
         """The unscaled quadratic penalty over the parameters trained for the current task."""
-        if not self.importance:
+        if not self._effective:
             return torch.zeros((), device=next(iter(self._trained.values())).device)
-        return quadratic_penalty(self._trained, self.anchor, self.importance)
+        return quadratic_penalty(self._trained, self.anchor, self._effective)
 
     def task_batches(self, task: Task) -> Iterator[tuple[Tensor, Tensor]]:
         """The task's training inputs and targets in consecutive device batches (no shuffling needed)."""
@@ -120,10 +162,16 @@ class QuadraticRegularizer(Strategy):
             "anchor": self.anchor,
             "importance": self.importance,
             "tasks_seen": self.tasks_seen,
+            "capped": self.capped,
         }
+
+    def extra_results(self) -> dict[str, Any]:
+        return {"penalty_capped": {"stable_penalty": self.stable_penalty, "fraction_per_task": self.capped}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.anchor = dict(state["anchor"])
         self.importance = dict(state["importance"])
         self.tasks_seen = int(state["tasks_seen"])
+        self.capped = list(state.get("capped", []))
+        self._effective = dict(self.importance)

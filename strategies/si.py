@@ -26,8 +26,8 @@ class SI(QuadraticRegularizer):
     name = "si"
     graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs
 
-    def __init__(self, c: float = 0.1, xi: float = 1e-3) -> None:
-        super().__init__(c)
+    def __init__(self, c: float = 0.1, xi: float = 1e-3, stable_penalty: bool = True) -> None:
+        super().__init__(c, stable_penalty=stable_penalty)
         if xi <= 0:
             raise ValueError(f"strategy.xi must be > 0 (it damps Omega where weights barely moved), got {xi}")
         self.xi = float(xi)
@@ -46,8 +46,8 @@ class SI(QuadraticRegularizer):
             if p.grad is None:
                 continue
             grad = p.grad
-            if name in self.importance:
-                grad = grad - 2.0 * self.strength * self.importance[name] * (p - self.anchor[name])
+            if name in self._effective:
+                grad = grad - 2.0 * self.strength * self._effective[name] * (p - self.anchor[name])
             self._task_grad[name] = grad.clone()
             self._before_step[name] = p.detach().clone()
 

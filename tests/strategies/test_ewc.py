@@ -129,3 +129,27 @@ def test_end_to_end_on_split_digits(run_tiny, strategy):
     assert result["status"] == "completed"
     assert result["strategy"] == strategy
     assert result["metrics"]["acc"] > 70.0
+
+
+def test_per_sample_fisher_is_the_mean_of_each_samples_squared_gradient():
+    # the paper's empirical Fisher: square each sample's own gradient, then average (batch size 16 here, so
+    # the batch estimate would be about 16 times smaller: the test would fail on it)
+    ewc, stream, _ = trained(EWC(ewc_lambda=1.0, fisher="per_sample"))
+    task = stream[0]
+    params = named_subset(ewc.model, ewc.parameters(task))
+    expected = {name: torch.zeros_like(p) for name, p in params.items()}
+    for position, target in zip(task.train_index.split(1), task.train_targets.split(1), strict=True):
+        ewc.model.zero_grad()
+        F.cross_entropy(ewc.model(stream.inputs("train", position, 0)), target).backward()
+        for name, p in params.items():
+            expected[name] += p.grad**2 / task.num_train
+    fisher = ewc.estimate_importance(task, params)
+    for name in params:
+        torch.testing.assert_close(fisher[name], expected[name], rtol=1e-4, atol=1e-8)
+
+
+def test_unknown_fisher_stops_with_the_choices():
+    with pytest.raises(ValueError, match="strategy.fisher must be one of batch, per_sample"):
+        EWC(fisher="sampled")
+    with pytest.raises(ValueError, match="strategy.fisher"):
+        OnlineEWC(fisher="exact")

@@ -65,3 +65,32 @@ def test_end_to_end_on_split_digits(run_tiny, scenario):
     result = run_tiny(["strategy=mas", "stream=split_digits", f"stream.scenario={scenario}"])
     assert result["status"] == "completed"
     assert result["metrics"]["acc"] > (70.0 if scenario == "task" else 20.0)
+
+
+def test_per_sample_magnitude_is_eq_4_whatever_the_batch_size():
+    # x1 = (1, 0) and x3 = (1, 1) disagree in sign on W[0, 0]: Eq. 4 averages each sample's |grad|,
+    # ([[2, 0], [6, 0]] + [[2, 2], [14, 14]]) / 2, also in a batch of two (where the batch estimate cancels)
+    for batch_size in (1, 2):
+        mas, stream = linear_mas(batch_size, second=(1.0, 1.0))
+        mas.magnitude = "per_sample"
+        omega = mas.estimate_importance(stream[0], dict(mas.model.named_parameters()))["heads.heads.0.weight"]
+        torch.testing.assert_close(omega, torch.tensor([[2.0, 1.0], [10.0, 7.0]]))
+
+
+def test_l2_output_norm_takes_the_gradient_of_the_norm_not_its_square():
+    # ||W x|| for x1 = (1, 0): W x1 = (1, 3), grad = (W x1) x1^T / ||W x1|| = [[1, 0], [3, 0]] / sqrt(10)
+    stream = hand_stream(torch.tensor([[[[1.0, 0.0]]]]))
+    model = MLP(stream.input_shape, stream.head_sizes, hidden=[], bias=False)
+    with torch.no_grad():
+        model.heads.heads[0].weight.copy_(torch.tensor([[1.0, -2.0], [3.0, 4.0]]))
+    mas = MAS(mas_lambda=1.0, output_norm="l2", importance_batch_size=1)
+    mas.setup(model, stream)
+    mas._batch_size = 1
+    omega = mas.estimate_importance(stream[0], dict(mas.model.named_parameters()))["heads.heads.0.weight"]
+    torch.testing.assert_close(omega, torch.tensor([[1.0, 0.0], [3.0, 0.0]]) / 10**0.5)
+
+
+@pytest.mark.parametrize(("setting", "message"), [("magnitude", "strategy.magnitude"), ("output_norm", "output_norm")])
+def test_unknown_choices_stop_with_the_fix(setting, message):
+    with pytest.raises(ValueError, match=message):
+        MAS(**{setting: "other"})

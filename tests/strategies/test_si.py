@@ -59,6 +59,7 @@ def test_path_integral_uses_the_task_gradient_not_the_penalty_gradient():
     #   -g_task * delta = (1 * 0.2, 2 * 0.3) = (0.2, 0.6)   (the full gradient would give (0.4, 0.9))
     si, model = SI(c=0.5, xi=0.01), TwoWeights()
     si.importance = {"w": torch.tensor([1.0, 1.0])}
+    si._effective = dict(si.importance)  # what fit_task would set (no cap: 0.1 * 0.5 * 1 is below the SGD bound)
     si.anchor = {"w": torch.tensor([0.0, 0.0])}
     start_task(si, model)
     sgd_steps(si, model, steps=1, lr=0.1, with_penalty=True)
