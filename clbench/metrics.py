@@ -130,15 +130,16 @@ def summarize(
     random_init_acc: Sequence[float],
     reference_acc: Sequence[float] | None = None,
     single_task_acc: Sequence[float] | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Every scalar metric of one run, in percent. ``intransigence`` only with the joint reference
     ``reference_acc`` (a*_k = R_joint[k][k]), ``intransigence_single_task`` only with ``single_task_acc``
     (an ``independent`` run's diagonal); neither is ever estimated."""
-    metrics = {
+    one_task = len(acc_matrix) < 2  # BWT, FWT and forgetting compare tasks: undefined (None), never 0.0
+    metrics: dict[str, float | None] = {
         "acc": average_accuracy(acc_matrix),
-        "bwt": backward_transfer(acc_matrix),
-        "fwt": forward_transfer(acc_matrix, random_init_acc),
-        "forgetting": forgetting(acc_matrix),
+        "bwt": None if one_task else backward_transfer(acc_matrix),
+        "fwt": None if one_task else forward_transfer(acc_matrix, random_init_acc),
+        "forgetting": None if one_task else forgetting(acc_matrix),
     }
     if reference_acc is not None:
         metrics["intransigence"] = intransigence(acc_matrix, reference_acc)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from clbench.closed_form import ClosedFormStep, KeptLogits, use_closed_form
 from clbench.evaluator import AMP_DTYPES, Evaluator
 from clbench.graphs import GraphedStep, use_graphs
+from clbench.loggers.progress import task_progress
 from clbench.optim import SGD
 from clbench.schedule import PlateauSchedule
 from clbench.strategy import Batch, Strategy
@@ -258,14 +259,7 @@ class Trainer:
         losses: list[float] = []
         accuracies: list[float] = []
         check_every = max(1, steps // max(1, self.nan_checks_per_epoch))
-        bar = tqdm(
-            total=epochs * steps,
-            desc=f"task {current.id + 1}/{len(stream)}",
-            disable=not self.progress,
-            leave=False,
-            unit="step",
-            mininterval=0.5,
-        )
+        bar = task_progress(epochs * steps, current.id, len(stream), self.progress)
         block_steps = self.prefetch_steps()
 
         def step_fn(batch: Batch) -> tuple[Tensor, Tensor]:

@@ -36,3 +36,10 @@ class Logger:
 
     def finish(self, result: dict[str, Any]) -> None:
         """Called once with the final result (status ``completed`` or ``failed``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this logger's record (kept in the checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Called before ``start`` when a run resumes, with what ``state_dict`` returned."""

@@ -20,8 +20,9 @@ def format_matrix(matrix: np.ndarray, random_init_acc: np.ndarray | None = None)
     return "\n".join(lines)
 
 
-def format_summary(metrics: dict[str, float]) -> str:
-    """``ACC 91.20% | BWT -3.10% | FWT 0.20% | forgetting 3.40%`` (whatever metrics are present)."""
+def format_summary(metrics: dict[str, float | None]) -> str:
+    """``ACC 91.20% | BWT -3.10% | FWT 0.20% | forgetting 3.40%`` (whatever metrics are present); an
+    undefined one (None: BWT of a single task) reads ``n/a``, never 0.00."""
     labels = {
         "acc": "ACC",
         "bwt": "BWT",
@@ -33,7 +34,11 @@ def format_summary(metrics: dict[str, float]) -> str:
         "acc_mean_over_time": "mean over time",
         "accumulation_gain": "gain",
     }
-    parts = [f"{labels.get(k, k)} {v:.2f}%" for k, v in metrics.items() if isinstance(v, float) and k in labels]
+    parts = [
+        f"{labels[k]} {'n/a' if v is None else f'{v:.2f}%'}"
+        for k, v in metrics.items()
+        if (v is None or isinstance(v, float)) and k in labels
+    ]
     return " | ".join(parts)
 
 

@@ -7,6 +7,7 @@ annotated heatmap images, never as histograms.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,12 +50,16 @@ class WandbLogger(Logger):
         self.heatmaps_every_task = heatmaps_every_task
         self.run = None
         self.task_names: list[str] = []
+        self.run_id: str | None = None  # kept in the checkpoint: a resumed run continues the same W&B run
 
     def start(self, run: RunInfo) -> None:
         import wandb
 
         self.task_names = run.task_names
+        self.run_id = self.run_id or uuid.uuid4().hex[:12]  # W&B ids: lowercase letters and digits
         self.run = wandb.init(
+            id=self.run_id,
+            resume="allow",
             mode=self.mode,
             project=self.project,
             entity=self.entity,
@@ -94,6 +99,12 @@ class WandbLogger(Logger):
         payload["acc_all"] = float(rows[task_id].mean())
         payload["task"] = task_id
         self.run.log(payload, step=task_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"wandb_run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = state.get("wandb_run_id") or self.run_id
 
     def finish(self, result: dict[str, Any]) -> None:
         if self.run is None:
