@@ -149,7 +149,7 @@ def test_per_sample_fisher_is_the_mean_of_each_samples_squared_gradient():
 
 
 def test_unknown_fisher_stops_with_the_choices():
-    with pytest.raises(ValueError, match="strategy.fisher must be one of batch, per_sample"):
+    with pytest.raises(ValueError, match=r"strategy\.fisher must be one of batch, per_sample"):
         EWC(fisher="sampled")
-    with pytest.raises(ValueError, match="strategy.fisher"):
+    with pytest.raises(ValueError, match=r"strategy\.fisher"):
         OnlineEWC(fisher="exact")
