@@ -63,8 +63,12 @@ class Evaluator:
         self.kept_bytes = 0
         self.kept_rounded = None
 
-    def row(self, strategy: Strategy, give_task_id: bool) -> list[float]:
+    def row(self, strategy: Strategy, give_task_id: bool, task_aware: bool = False) -> list[float]:
         """One row of R: accuracy in percent on every task's test set, seen and unseen (one host read).
+
+        ``task_aware`` (the class scenario's second matrix, as FACIL reports "TAw" beside "TAg"): each
+        task's predictions are restricted to that task's own classes, i.e. the task identity picks the part
+        of the shared head to read (:meth:`task_labels`); the model's forward pass is the same.
 
         Without task identity the model's prediction does not depend on which task a sample belongs to,
         so all test sets go through the model together in large chunks (``batched_eval``); with it, task
@@ -79,23 +83,35 @@ class Evaluator:
         # One autocast region for the whole row: its cast weights are made once, not once per chunk. The
         # passes run under no_grad, not inference_mode, because autocast keeps no cast-weight cache there.
         with trainer.autocast(evaluation=True):
-            per_task = give_task_id or not trainer.batched_eval or strategy.inference_batch() is not None
+            per_task = give_task_id or task_aware or not trainer.batched_eval or strategy.inference_batch() is not None
             if per_task or len(tasks) == 1:
-                row = torch.stack([self.accuracy(strategy, task, "test", give_task_id) for task in tasks])
+                row = torch.stack([self.accuracy(strategy, task, "test", give_task_id, task_aware) for task in tasks])
             else:
                 row = self._batched_row(strategy, tasks)
         return row.cpu().tolist()
 
     @torch.no_grad()
-    def accuracy(self, strategy: Strategy, task: Task, split: str = "test", give_task_id: bool = True) -> Tensor:
-        """Accuracy (percent, a 0-d tensor on the device) of ``strategy`` on one task's ``split``."""
+    def accuracy(
+        self, strategy: Strategy, task: Task, split: str = "test", give_task_id: bool = True, task_aware: bool = False
+    ) -> Tensor:
+        """Accuracy (percent, a 0-d tensor on the device) of ``strategy`` on one task's ``split``; with
+        ``task_aware``, the argmax runs over ``task``'s own classes only."""
         index = task.test_index if split == "test" else task.val_index
         targets = task.test_targets if split == "test" else task.val_targets
         pool_split = "test" if split == "test" else "train"  # validation images live in the training pool
         segments = [Segment(0, int(index.numel()), task.id)]
         given = task.id if give_task_id else None
-        predicted = self._predictions(strategy, pool_split, index, segments, given, self._chunk(strategy, given))
+        allowed = self.task_labels(task) if task_aware else None
+        predicted = self._predictions(
+            strategy, pool_split, index, segments, given, self._chunk(strategy, given), allowed
+        )
         return (predicted == targets).sum().double() * (100.0 / max(1, int(index.numel())))
+
+    @staticmethod
+    def task_labels(task: Task) -> Tensor:
+        """The output positions of ``task``'s own classes: the labels its targets use (in the class scenario,
+        the task's global class positions)."""
+        return torch.cat([task.train_targets, task.test_targets, task.val_targets]).unique()
 
     @torch.no_grad()
     def class_accuracy(self, strategy: Strategy, task: Task, num_classes: int, give_task_id: bool) -> list[float]:
@@ -176,6 +192,7 @@ class Evaluator:
         segments: Sequence[Segment],
         given: int | None,
         chunk: int,
+        allowed: Tensor | None = None,
     ) -> Tensor:
         """Predicted classes for pool positions ``index`` in chunks of ``chunk`` samples (no grad, autocast).
 
@@ -186,7 +203,8 @@ class Evaluator:
         tensor as the same tasks (a task's test set, the stream's evaluation plan: the inputs of every row
         of R) while they fit in ``eval_cache_mb``. The key holds ``index`` itself, so it cannot be confused
         with another tensor that later takes its address, and the segments' task ids, since tasks of a
-        permuted stream share one test index."""
+        permuted stream share one test index. ``allowed`` (output positions) restricts the argmax to
+        those classes."""
         chunks = []
         owners = tuple((seg.start, seg.stop, seg.task_id) for seg in segments)
         first = 0  # the first segment that may still overlap the current chunk
@@ -203,6 +221,10 @@ class Evaluator:
                     self.kept_bytes += x.nbytes
             with self.trainer.autocast(evaluation=True):
                 logits = strategy.predict(x, given)
+            if allowed is not None:
+                blocked = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+                blocked[allowed] = False
+                logits = logits.masked_fill(blocked, float("-inf"))
             chunks.append(logits.argmax(dim=1))
         return torch.cat(chunks) if chunks else index.new_empty(0)
 

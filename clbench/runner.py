@@ -183,6 +183,11 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     task_names = [task.name for task in stream.evaluation_tasks]
 
     acc_matrix = np.full((num_tasks, len(stream.evaluation_tasks)), np.nan)
+    # Class scenario: R is task-agnostic (TAg); beside it R with the task given (TAw: each task read on its own
+    # classes), as FACIL reports both. Other scenarios have one matrix.
+    task_aware = stream.scenario == "class" and not give_task_id
+    acc_matrix_taw = np.full_like(acc_matrix, np.nan)
+    random_init_taw = np.full(acc_matrix.shape[1], np.nan)
     class_acc: list[list[float]] = []
     fit_seconds: list[float] = []
     eval_seconds: list[float] = []
@@ -199,6 +204,9 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         first_task = checkpoint["next_task"]
         acc_matrix[:first_task] = np.asarray(checkpoint["acc_matrix"])[:first_task]
         random_init_acc = np.asarray(checkpoint["random_init_acc"])
+        if task_aware:
+            acc_matrix_taw[:first_task] = np.asarray(checkpoint["acc_matrix_taw"])[:first_task]
+            random_init_taw = np.asarray(checkpoint["random_init_acc_taw"])
         random_init_eval_s = checkpoint.get("random_init_eval_s", 0.0)
         fit_seconds, eval_seconds = checkpoint["fit_seconds"], checkpoint["eval_seconds"]
         graph_replays = checkpoint.get("graph_replays", [0] * first_task)
@@ -213,6 +221,8 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     else:
         tick = time.perf_counter()
         random_init_acc = np.asarray(trainer.evaluate(strategy, give_task_id))
+        if task_aware:
+            random_init_taw = np.asarray(trainer.evaluator.row(strategy, give_task_id, task_aware=True))
         random_init_eval_s = time.perf_counter() - tick
 
     group = f"{stream.name}/{context.sweep_dir.name}" if context.sweep_dir is not None else stream.name
@@ -231,6 +241,8 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         "stream": stream.name,
         "strategy": strategy.name,
         "scenario": stream.scenario,
+        "protocol": config.get("protocol_name"),
+        "strategy_settings": config.get("strategy_settings"),
         "seed": seed,
         "uses_task_oracle": strategy.uses_task_oracle,
         "units": "percent",
@@ -263,6 +275,8 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             learning_curves=learning_curves,
             train_acc_curves=accuracy_curves,
         )
+        if task_aware:
+            result.update(acc_matrix_taw=acc_matrix_taw[:done].tolist(), random_init_acc_taw=random_init_taw.tolist())
         if not stream.square:
             result.update(acc_over_time=acc_matrix[:done].mean(axis=1).tolist(), class_acc=class_acc[:done])
         if error is not None:
@@ -285,6 +299,8 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             accuracy_curves.append(trainer.epoch_accuracies[curves_before:])
             tick = time.perf_counter()
             acc_matrix[task.id] = trainer.evaluate(strategy, give_task_id)
+            if task_aware:
+                acc_matrix_taw[task.id] = trainer.evaluator.row(strategy, give_task_id, task_aware=True)
             if not stream.square:
                 class_acc.append(
                     trainer.class_accuracy(strategy, stream.evaluation_tasks[0], stream.num_classes, give_task_id)
@@ -299,6 +315,8 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                     "rng": _rng_state(trainer),
                     "acc_matrix": acc_matrix,
                     "random_init_acc": random_init_acc,
+                    "acc_matrix_taw": acc_matrix_taw,
+                    "random_init_acc_taw": random_init_taw,
                     "random_init_eval_s": random_init_eval_s,
                     "fit_seconds": fit_seconds,
                     "graph_replays": graph_replays,
@@ -338,6 +356,8 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         result["reference_acc"] = reference_acc
         result["joint_reference_acc"] = joint_acc
         result["metrics"] = metrics.summarize(acc_matrix, random_init_acc, joint_acc, reference_acc)
+        if task_aware:
+            result["metrics_taw"] = metrics.summarize(acc_matrix_taw, random_init_taw)
         result["metrics"].update(
             summarize_l2m(
                 acc_matrix,

@@ -138,8 +138,10 @@ def test_completed_run_is_not_repeated(run_tiny, tmp_path, capsys):
     assert "already completed" in capsys.readouterr().out
 
 
-def test_resume_from_checkpoint_gives_identical_matrix(run_tiny, tmp_path, monkeypatch):
-    full = run_tiny(["stream=split_digits", "deterministic=true"], tmp_path / "full")
+@pytest.mark.parametrize("scenario", ["task", "class"])
+def test_resume_from_checkpoint_gives_identical_matrix(run_tiny, tmp_path, monkeypatch, scenario):
+    overrides = ["stream=split_digits", "deterministic=true", f"stream.scenario={scenario}"]
+    full = run_tiny(overrides, tmp_path / "full")
 
     from strategies.finetune import Finetune
 
@@ -152,15 +154,16 @@ def test_resume_from_checkpoint_gives_identical_matrix(run_tiny, tmp_path, monke
 
     monkeypatch.setattr(Finetune, "fit_task", crash_on_task_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_tiny(["stream=split_digits", "deterministic=true"], tmp_path / "resumed")
+        run_tiny(overrides, tmp_path / "resumed")
     run_dir = next((tmp_path / "resumed").glob("split_digits/finetune/*"))
     failed = json.loads((run_dir / "result.json").read_text())
     assert failed["status"] == "failed" and "simulated crash" in failed["error"]
     assert len(failed["acc_matrix"]) == 3
     monkeypatch.setattr(Finetune, "fit_task", original)
-    resumed = run_tiny(["stream=split_digits", "deterministic=true"], tmp_path / "resumed")
+    resumed = run_tiny(overrides, tmp_path / "resumed")
     assert resumed["status"] == "completed"
     assert resumed["acc_matrix"] == full["acc_matrix"]
+    assert resumed.get("acc_matrix_taw") == full.get("acc_matrix_taw")  # the class scenario's TAw rows too
     torch.use_deterministic_algorithms(False)
 
 
@@ -199,3 +202,58 @@ def test_result_timings_say_how_many_steps_were_replayed_as_cuda_graphs(run_tiny
     """On the CPU every step is eager: one zero per task (a GPU run of tests/test_graphs.py counts them)."""
     result = run_tiny(["stream=split_digits"])
     assert result["timings"]["graph_replays"] == [0] * len(result["acc_matrix"])
+
+
+def test_class_scenario_stores_task_aware_matrix_beside_task_agnostic(run_tiny, tmp_path):
+    """TAw reads each task on its own classes: never below TAg, and far above it on forgotten tasks."""
+    result = run_tiny(["stream=split_digits", "stream.scenario=class", "strategy=finetune"])
+    assert result["protocol"] == "default" and result["strategy_settings"] is None
+    tag, taw = np.array(result["acc_matrix"]), np.array(result["acc_matrix_taw"])
+    assert tag.shape == taw.shape == (5, 5)
+    assert (taw >= tag - 1e-9).all()
+    # after the last task, fine-tuning predicts only the newest classes: old tasks are ~0 TAg but two-way TAw
+    assert tag[-1, :-2].max() < 5.0 and taw[-1, :-2].min() > 50.0
+    assert result["metrics_taw"]["acc"] == pytest.approx(taw[-1].mean())
+    assert len(result["random_init_acc_taw"]) == 5
+    saved = json.loads(Path(result["paths"]["result"]).read_text())
+    assert saved["acc_matrix_taw"] == result["acc_matrix_taw"]
+
+
+def test_task_aware_accuracy_is_the_argmax_over_the_task_classes(run_tiny):
+    """Checked by hand against the model's own logits for one task of a trained class-scenario run."""
+    from clbench.strategy import Strategy
+
+    captured = {}
+    original = Strategy.after_task
+
+    def keep(self, task):
+        captured["strategy"], captured["task"] = self, task
+        original(self, task)
+
+    Strategy.after_task = keep
+    try:
+        run_tiny(["stream=split_digits", "stream.scenario=class", "strategy=finetune", "stream.num_tasks=2"])
+    finally:
+        Strategy.after_task = original
+    strategy = captured["strategy"]
+    stream = strategy.stream
+    task = stream.tasks[0]
+    strategy.model.eval()
+    with torch.no_grad():
+        logits = strategy.predict(stream.inputs("test", task.test_index, task.id), None)
+    classes = sorted(set(task.test_targets.tolist()))
+    assert classes == [0, 1]
+    expected = (logits[:, classes].argmax(1) == task.test_targets).double().mean() * 100
+    from clbench.trainer import Trainer
+
+    trainer = Trainer(epochs=1, progress=False)
+    trainer.attach(stream, 0)
+    got = trainer.evaluator.accuracy(strategy, task, "test", give_task_id=False, task_aware=True)
+    assert float(got) == pytest.approx(float(expected))
+    plain = trainer.evaluator.accuracy(strategy, task, "test", give_task_id=False)
+    assert float(plain) == pytest.approx(float((logits.argmax(1) == task.test_targets).double().mean() * 100))
+
+
+def test_task_scenario_has_one_matrix(run_tiny):
+    result = run_tiny(["stream=split_digits", "strategy=finetune", "stream.num_tasks=2"])
+    assert "acc_matrix_taw" not in result and "metrics_taw" not in result
