@@ -1,11 +1,50 @@
 """CUBER: Continual learning with Backward knowledge transfer (Lin, Yang, Fan & Zhang, "Beyond
-Not-Forgetting: Continual Learning with Backward Knowledge Transfer", NeurIPS 2022). No official code
-exists; this follows the paper and builds on TRGP's code, as the authors did."""
+Not-Forgetting: Continual Learning with Backward Knowledge Transfer", NeurIPS 2022, arXiv 2211.00789).
+No official code exists; the paper builds on TRGP (same authors), and so does this module.
+
+What each part implements (the paper's Sec. 4 and Algorithm 1, "learn task t"):
+
+- Layer-wise task correlation, decided ONCE per task (Algorithm 1, before the training loop): the new
+  task's gradient ``g_t`` at ``W_{t-1}`` (the model before the task, plain weights) on ``grad_samples``
+  training examples is projected onto each old task j's own input subspace ``U_j`` (TRGP's per-task basis).
+  "Sufficient projection": ``||g_t U_j|| > eps1 ||g_t||``; as in TRGP's code at most ``top_k`` old tasks per
+  layer qualify (the largest projections). "Positive correlation": the cosine between ``g_t U_j`` and the
+  old task's stored gradient ``g_j U_j`` exceeds ``eps2``.
+- Regime 1 (no sufficient projection): the update is projected out of ``U_j`` (GPM).
+- Regime 2 (sufficient projection, no positive correlation): projected out, plus TRGP's scaled weight
+  projection ``W + W U_j (Q_j - I) U_j^T`` with ``Q_j`` learned for the new task.
+- Regime 3 (sufficient projection and positive correlation): the update may move W inside j's subspace,
+  a first-order descent step for task j too (the paper's backward-transfer condition), with the scaled
+  weight projection as in regime 2, and the loss gains ``lam * ||(W - W_{t-1}) U_j||^2``, which keeps the
+  move small, where the first-order argument holds. The regimes and the penalty hold for the whole task.
+
+Where the paper is silent or leaves a choice, we chose (CHOICE):
+
+- CHOICE ``eps2`` = 0.01 (TRGP / CUBER PMNIST code value ``eplison_2``); ``eps1`` = 0.5 (0.2 on PMNIST) as
+  TRGP; ``lam`` = 1.0; ``grad_samples`` = 300 (the official code's sample for every gradient / representation).
+- CHOICE the old task's gradient ``g_j`` is computed once, at the end of its own training, on
+  ``grad_samples`` of its training examples through its own stored scaled weights, and kept as the full
+  ``[out, d]`` matrix per layer (no data is replayed; it goes stale if task j's model moves later).
+- CHOICE the free component (issue 21): a regime-3 update moves W only inside
+  ``F = span(U_j : j in regime 3)`` with everything protected for other old tasks removed, restricted to the
+  memory ``M`` (so the update is ``g (I - M M^T) + g F F^T``). Protected for a regime-1 / regime-2 old task s:
+  its own basis ``U_s`` and, with ``protect_scaled_reads`` (default), the bases ``U_k`` its own stored scaled
+  projections read (``W U_k`` enters task s's outputs). So a regime-1 or regime-2 task's outputs are
+  unchanged by the update; regime-2 pairs of the new task read ``W U_k`` live where the layer moves.
+- CHOICE an optional safety check, off by default (``recheck_per_epoch``): after every epoch but the last,
+  the correlation of each trusted pair is recomputed from ``grad_samples`` examples at the current weights;
+  pairs move between regimes 2 and 3 both ways (not absorbing). It needs a fit per epoch, so it refuses
+  a trainer with a validation-driven schedule.
+
+Diagnostics (``extra_results()["cuber_regimes"]``): per task, per layer, each old task's regime, the correlation,
+the rank of the free subspace, and the test-accuracy change of each regime-3 task during the task
+(``R[t][j] - R[t-1][j]``, measured by the strategy itself before and after training with the runner's
+evaluation).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,56 +58,45 @@ from strategies.gradient_projection.projection import Projector
 from strategies.gradient_projection.trgp import TRGP
 
 
-@dataclass
-class Regime3:
-    """One (layer, old task) pair allowed to update inside the old task's subspace.
-
-    ``old_grad_in_basis`` is the old task's stored end-of-training gradient expressed in its basis
-    (``g_j U_j``), ``start`` the layer's weight matrix when the new task began, ``active`` a 0-d float
-    on the device that drops to 0 (for the rest of the task) when the correlation check fails.
-    """
-
-    task: int
-    basis: Tensor
-    old_grad_in_basis: Tensor
-    start: Tensor
-    active: Tensor
-
-
-def correlation(grad: Tensor, old_grad: Tensor, basis: Tensor) -> Tensor:
-    """Cosine between two gradient matrices' components inside ``basis`` (a 0-d tensor)."""
+def correlation(grad: Tensor, old_grad: Tensor, basis: Tensor) -> float:
+    """Cosine between two gradient matrices' components inside ``basis`` (positive correlation test)."""
     a, b = grad @ basis, old_grad @ basis
-    return (a * b).sum() / (torch.linalg.norm(a) * torch.linalg.norm(b) + 1e-12)
+    return float((a * b).sum() / (torch.linalg.norm(a) * torch.linalg.norm(b) + 1e-12))
 
 
-def span_basis(bases: Sequence[Tensor]) -> Tensor:
-    """An orthonormal basis of the union of the spans of ``bases`` (they may overlap)."""
-    u, s, _ = torch.linalg.svd(torch.cat(list(bases), dim=1).double(), full_matrices=False)
-    return u[:, s > 1e-6 * s[0]].to(bases[0].dtype)
+def orthonormal_span(columns: Tensor, tolerance: float = 1e-6, absolute: bool = False) -> Tensor:
+    """An orthonormal basis (float64) of the span of ``columns`` ``[d, n]``. Directions whose singular value
+    is below ``tolerance`` (times the largest one unless ``absolute``) are noise and dropped."""
+    if columns.shape[1] == 0:
+        return columns.double()
+    u, s, _ = torch.linalg.svd(columns.double(), full_matrices=False)
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return u[:, :0]
+    return u[:, s > (tolerance if absolute else tolerance * s[0])]
+
+
+def free_subspace(memory: Tensor, backward: Sequence[Tensor], protected: Sequence[Tensor]) -> Tensor:
+    """Orthonormal ``[d, f]`` basis of the span of the regime-3 bases ``backward``, restricted to the
+    memory's span and with the span of ``protected`` removed (empty ``[d, 0]`` if nothing is left)."""
+    mem = memory.double()
+    stacked = torch.cat([b.double() for b in backward], dim=1)
+    inside = mem @ (mem.T @ stacked)
+    if protected:
+        guard = orthonormal_span(torch.cat([p.double() for p in protected], dim=1))
+        inside = inside - guard @ (guard.T @ inside)
+        inside = inside - guard @ (guard.T @ inside)  # second pass: orthogonal to working precision
+    # the regime-3 bases have unit columns: what is left of a direction below 1e-3 of its length is the float32
+    # rounding of a direction that lies in the protected span, not a free direction
+    return orthonormal_span(inside, 1e-3, absolute=True)
 
 
 class CUBER(TRGP):
     """TRGP's trust regions split by gradient correlation, so positively correlated old tasks get
     updated by the new one (backward transfer) without replaying their data.
 
-    Per layer and old task j, at the start of task t (CUBER Sec. 4):
-
-    - regime 1, insufficient projection (``||g_t U_j|| <= eps1 ||g_t||`` or not among the ``top_k``):
-      the update is projected out of j's subspace, as GPM;
-    - regime 2, sufficient projection without positive correlation: projected out, plus TRGP's scaled
-      weight projection;
-    - regime 3, sufficient projection with positive correlation (cosine between the new task's gradient
-      and j's stored end-of-training gradient, both inside j's subspace, above ``eps2``): the update may
-      move inside j's subspace, a first-order descent step for task j too. ``lam`` weighs the penalty
-      ``||(W - W_start) U_j||^2`` that keeps the move local, where that first-order view holds.
-      Every step the correlation is checked again on the gradient about to be applied; once it fails,
-      j drops to regime 2 for the rest of the task.
-
-    At most ``top_k`` (2) old tasks per layer are in regimes 2-3, and they all carry scaling matrices,
-    as in the regime bookkeeping of TRGP's released code. Old tasks' gradients are computed once, at the
-    end of their own training (``grad_samples`` examples, their own scaled weights); no data is replayed.
-    The regime-3 flags live on the device, so the step never waits for the host. With every old task in
-    regime 1 (e.g. ``eps1=1``) the update is exactly GPM's.
+    See the module docstring for the regimes, what the paper fixes and what we chose. With every old task
+    in regime 1 (e.g. ``eps1=1``) the update is exactly GPM's; with none in regime 3 (``eps2`` above 1)
+    it is TRGP's.
     """
 
     name = "cuber"
@@ -88,6 +116,10 @@ class CUBER(TRGP):
         top_k: int = 2,
         grad_samples: int = 300,
         task_id_at_test: bool = True,
+        protect_scaled_reads: bool = True,
+        recheck_per_epoch: bool = False,
+        skip_first_residual: bool = False,
+        third_task_previous_only: bool = False,
     ) -> None:
         super().__init__(
             threshold,
@@ -100,139 +132,202 @@ class CUBER(TRGP):
             top_k=top_k,
             grad_samples=grad_samples,
             task_id_at_test=task_id_at_test,
+            skip_first_residual=skip_first_residual,
+            third_task_previous_only=third_task_previous_only,
         )
         if lam < 0:
             raise ValueError(f"strategy.lam must be >= 0, got {lam}")
         self.eps2 = eps2
         self.lam = lam
+        self.protect_scaled_reads = protect_scaled_reads
+        self.recheck_per_epoch = recheck_per_epoch
         self.task_grads: list[list[Tensor]] = []
-        self.regime3: list[list[Regime3]] = []
-        self.union: list[Projector | None] = []
-        self.regime_log: list[dict[str, list[list[int]]]] = []
+        self.backward: list[list[int]] = []  # per layer, the old tasks in regime 3 for the current task
+        self.free: list[Projector | None] = []  # per layer, the free subspace's projector (None: nothing moves)
+        self.free_ranks: list[int] = []
+        self.start_weights: list[Tensor | None] = []
+        self.correlations: list[list[float | None]] = []
+        self.regime_log: list[dict[str, Any]] = []
+
+    # -- regimes -------------------------------------------------------------------------------------
+    def decide_regimes(self, grads: Sequence[Tensor], trust: Sequence[Sequence[int]]) -> None:
+        """Regime 3 for the trusted (layer, old task) pairs whose gradient correlation exceeds ``eps2``."""
+        count = len(self.task_bases)
+        self.correlations = [[None] * count for _ in self.layers]
+        self.backward = [[] for _ in self.layers]
+        for i, (grad, trusted) in enumerate(zip(grads, trust, strict=True)):
+            for j in trusted:
+                cosine = correlation(grad, self.task_grads[j][i], self.task_bases[j][i])
+                self.correlations[i][j] = cosine
+                if cosine > self.eps2:
+                    self.backward[i].append(j)
+
+    def protected_bases(self, i: int) -> list[Tensor]:
+        """Layer ``i``'s subspaces that regime-1 / regime-2 old tasks' outputs read: their own bases and,
+        with ``protect_scaled_reads``, the bases of their stored scaled weight projections."""
+        bases = []
+        for s, own in enumerate(self.task_bases):
+            if s in self.backward[i]:
+                continue
+            if own[i] is not None:
+                bases.append(own[i])
+            if self.protect_scaled_reads:
+                bases.extend(self.task_bases[k][i] for k in self.trust[s][i] if self.task_bases[k][i] is not None)
+        return bases
+
+    def build_free_subspaces(self) -> None:
+        """Per layer, the projector onto the free subspace of the regime-3 pairs (None where none or empty)."""
+        self.free, self.free_ranks = [], []
+        for i, members in enumerate(self.backward):
+            memory = self.bases[i]
+            if not members or memory is None:
+                self.free.append(None)
+                self.free_ranks.append(0)
+                continue
+            basis = free_subspace(memory, [self.task_bases[j][i] for j in members], self.protected_bases(i))
+            self.free_ranks.append(int(basis.shape[1]))
+            self.free.append(Projector(basis.to(memory.dtype)) if basis.shape[1] > 0 else None)
+
+    def regimes(self) -> list[list[int]]:
+        """``[layer][old task]``: 1, 2 or 3 for the current task."""
+        table = []
+        for i, trusted in enumerate(self.current_trust):
+            row = [1] * len(self.task_bases)
+            for j in trusted:
+                row[j] = 3 if j in self.backward[i] else 2
+            table.append(row)
+        return table
+
+    def prepare_pairs(self, trainer: Trainer) -> None:
+        """The scaled weight projections the training forward uses: ``W U_j`` frozen where W cannot move
+        inside ``U_j`` (no weight decay, no free subspace in the layer), else read live."""
+        frozen = self.current_pairs(frozen=trainer.weight_decay == 0)
+        self.train_pairs = [
+            [(u, q, None) for u, q, _ in pairs] if self.free[i] is not None else pairs for i, pairs in enumerate(frozen)
+        ]
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def fit_task(self, task: Task, trainer: Trainer) -> None:
+        if self.recheck_per_epoch and trainer.validates:
+            raise ValueError(
+                "strategy.recheck_per_epoch needs one fit per epoch and cannot run with trainer.lr_patience / "
+                "trainer.restore_best: set strategy.recheck_per_epoch=false or turn the trainer's schedule off"
+            )
         self.refresh_projectors()
-        self.regime3 = [[] for _ in self.layers]
-        self.union = [None for _ in self.layers]
         if task.id == 0:
             self.current_trust = [[] for _ in self.layers]
+            self.backward = [[] for _ in self.layers]
+            self.correlations = [[] for _ in self.layers]
         else:
             grads = self.task_gradients(task)
             self.current_trust = self.select_trust_regions(grads)
-            for i, (grad, trusted) in enumerate(zip(grads, self.current_trust, strict=True)):
-                for j in trusted:
-                    basis, old_grad = self.task_bases[j][i], self.task_grads[j][i]
-                    if float(correlation(grad, old_grad, basis)) > self.eps2:
-                        self.regime3[i].append(
-                            Regime3(
-                                task=j,
-                                basis=basis,
-                                old_grad_in_basis=old_grad @ basis,
-                                start=self.layers[i].weight_matrix().detach().clone(),
-                                active=torch.ones((), device=self.device),
-                            )
-                        )
-                members = self.regime3[i]
-                if len(members) == 2:
-                    self.union[i] = Projector(span_basis([m.basis for m in members]))
+            self.decide_regimes(grads, self.current_trust)
+        self.build_free_subspaces()
+        self.start_weights = [
+            layer.weight_matrix().detach().clone() if members else None
+            for layer, members in zip(self.layers, self.backward, strict=True)
+        ]
         self.scales = [
             [torch.nn.Parameter(torch.eye(self.task_bases[j][i].shape[1], device=self.device)) for j in trusted]
             for i, trusted in enumerate(self.current_trust)
         ]
-        # W moves inside regime-3 subspaces, so there W U_j is read live from the weight.
-        self.train_pairs = [
-            [
-                (u, q, None if j in {m.task for m in self.regime3[i]} else wu)
-                for (u, q, wu), j in zip(pairs, trusted, strict=True)
-            ]
-            for i, (pairs, trusted) in enumerate(
-                zip(self.current_pairs(frozen=trainer.weight_decay == 0), self.current_trust, strict=True)
-            )
+        self.prepare_pairs(trainer)
+        watched = sorted({j for members in self.backward for j in members})
+        log: dict[str, Any] = {
+            "task": task.id,
+            "regimes": self.regimes(),
+            "correlation": [list(row) for row in self.correlations],
+            "free_rank": list(self.free_ranks),
+        }
+        before = self.test_accuracies(trainer, watched)
+        if self.recheck_per_epoch:
+            log["rechecks"] = []
+            for epoch in range(trainer.epochs):
+                trainer.fit(self, [task], epochs=1)
+                if epoch + 1 < trainer.epochs:
+                    self.recheck(task, trainer)
+                    log["rechecks"].append({"regimes": self.regimes(), "free_rank": list(self.free_ranks)})
+        else:
+            trainer.fit(self, [task])
+        after = self.test_accuracies(trainer, watched)
+        log["regime3_accuracy"] = [
+            {"task": j, "before": b, "after": a, "change": a - b}
+            for j, b, a in zip(watched, before, after, strict=True)
         ]
-        self.regime_log.append({"start": self.regimes()})
-        trainer.fit(self, [task])
+        self.regime_log.append(log)
+
+    def recheck(self, task: Task, trainer: Trainer) -> None:
+        """The optional safety check: regimes 2 / 3 of the trusted pairs from a fresh gradient at the current
+        weights (through the current scaled projections); a pair can be promoted as well as demoted."""
+        grads = self.task_gradients(task, self.train_pairs)
+        self.decide_regimes(grads, self.current_trust)
+        self.build_free_subspaces()
+        for i, (layer, members) in enumerate(zip(self.layers, self.backward, strict=True)):
+            if members and self.start_weights[i] is None:
+                self.start_weights[i] = layer.weight_matrix().detach().clone()
+        self.prepare_pairs(trainer)
+
+    @torch.no_grad()
+    def test_accuracies(self, trainer: Trainer, task_ids: Sequence[int]) -> list[float]:
+        """Test accuracy (percent) of the given old tasks, as the runner's evaluation computes a row of R."""
+        if not task_ids:
+            return []
+        assert self.stream is not None
+        give_task_id = self.stream.scenario == "task" or self.uses_task_oracle
+        for module in self.eval_modules():
+            module.eval()
+        try:
+            with trainer.autocast(evaluation=True):
+                return [
+                    float(trainer.accuracy(self, self.stream.evaluation_tasks[j], "test", give_task_id))
+                    for j in task_ids
+                ]
+        finally:
+            for module in self.eval_modules():
+                module.train()
 
     def after_task(self, task: Task) -> None:
-        self.regime_log[-1]["end"] = self.regimes()
         super().after_task(task)
         self.task_grads.append([g.detach() for g in self.task_gradients(task, self.stored_pairs(task.id))])
-        self.regime3 = [[] for _ in self.layers]
-
-    def regimes(self) -> list[list[int]]:
-        """``[layer][old task]``: the regime (1, 2 or 3) each old task ended the current task in."""
-        count = len(self.task_bases)
-        table = []
-        for i, trusted in enumerate(self.current_trust):
-            row = [1] * count
-            for j in trusted:
-                row[j] = 2
-            for member in self.regime3[i]:
-                row[member.task] = 3 if float(member.active) > 0 else 2
-            table.append(row)
-        return table
+        self.backward = [[] for _ in self.layers]
+        self.free = [None for _ in self.layers]
+        self.start_weights = [None for _ in self.layers]
 
     # -- training step -------------------------------------------------------------------------------
     def loss(self, output: Tensor, y: Tensor, batch: Batch, task: Task) -> Tensor:
         loss = F.cross_entropy(output, y)
         if self.lam == 0:
             return loss
-        for layer, members in zip(self.layers, self.regime3, strict=True):
-            if members:
-                weight = layer.weight_matrix()
-                for m in members:
-                    loss = loss + self.lam * m.active * ((weight - m.start) @ m.basis).square().sum()
+        for i, members in enumerate(self.backward):
+            start = self.start_weights[i] if self.start_weights else None
+            if not members or start is None:
+                continue
+            moved = self.layers[i].weight_matrix() - start
+            for j in members:
+                loss = loss + self.lam * (moved @ self.task_bases[j][i]).square().sum()
         return loss
 
     def after_backward(self, task: Task) -> None:
-        for i, (layer, projector) in enumerate(zip(self.layers, self.projectors, strict=True)):
-            members = self.regime3[i] if self.regime3 else []
-            if projector is None or not members:
+        """Layers with a free subspace: ``g (I - M M^T) + g F F^T``; every other layer: GPM's projection.
+        Whatever reaches W besides ``delta^T X`` (the penalty, live ``W U_j`` reads) lies inside span(M), so
+        the orthogonal part is still ``delta^T X`` projected (from the captured factors where available)."""
+        for i, (layer, projector, free) in enumerate(zip(self.layers, self.projectors, self.free, strict=True)):
+            if projector is None or free is None:
                 continue
             grad = layer.grad_matrix()
             if grad is None:
                 continue
-            insides = [grad @ m.basis for m in members]
-            for m, inside in zip(members, insides, strict=True):
-                cosine = (inside * m.old_grad_in_basis).sum() / (
-                    torch.linalg.norm(inside) * torch.linalg.norm(m.old_grad_in_basis) + 1e-12
-                )
-                m.active.mul_((cosine > self.eps2).to(m.active.dtype))
-            kept = self.kept_component(i, grad, insides)
-            # Whatever reaches W besides delta^T X (penalty, live W U_j) lies inside span(M), so the
-            # orthogonal part is still delta^T X projected.
             orthogonal = self.orthogonal_gradient(i)
             if orthogonal is None:
-                orthogonal = grad - projector.component(grad)
-            layer.set_grad_matrix(orthogonal + kept)
-        for i, (layer, projector) in enumerate(zip(self.layers, self.projectors, strict=True)):
-            if projector is None or (self.regime3 and self.regime3[i]):
-                continue
-            fast = self.orthogonal_gradient(i)
-            grad = layer.grad_matrix()
-            if grad is None:
-                continue
-            if fast is not None:
-                layer.set_grad_matrix(fast)
-            elif layer.has_bias:
-                layer.set_grad_matrix(projector.remove_(grad))
-            else:
-                projector.remove_(grad)
-        self.clear_factors()
-
-    def kept_component(self, i: int, grad: Tensor, insides: list[Tensor]) -> Tensor:
-        """The part of ``grad`` inside the union of the still-active regime-3 subspaces of layer ``i``
-        (``insides[k]`` is ``grad U_k``), chosen by device-side flags (no host read)."""
-        members = self.regime3[i]
-        singles = [inside @ m.basis.T for m, inside in zip(members, insides, strict=True)]
-        if len(members) == 1:
-            return members[0].active * singles[0]
-        a, b = members[0].active, members[1].active
-        return a * b * self.union[i].component(grad) + a * (1 - b) * singles[0] + (1 - a) * b * singles[1]
+                orthogonal = projector.orthogonal(grad)
+            layer.set_grad_matrix(orthogonal + free.component(grad))
+            self.projected_in_step.add(i)
+        super().after_backward(task)
 
     def extra_results(self) -> dict[str, Any]:
-        """Per task, the regime of each (layer, old task) when the task started and when it ended
-        (``cuber_regimes[t]["start"][layer][j]``; 3 turning into 2 is the per-step recheck)."""
+        """``cuber_regimes[t]``: task t's regimes ``[layer][old task]`` (1 / 2 / 3, decided at its start), the
+        correlations of trusted pairs, each layer's free rank, and each regime-3 task's test accuracy
+        before and after task t (``change`` = ``R[t][j] - R[t-1][j]``)."""
         return {**super().extra_results(), "cuber_regimes": self.regime_log}
 
     # -- persistence ---------------------------------------------------------------------------------
