@@ -48,6 +48,8 @@ class SupermaskStrategy(Strategy):
     score_layout: ClassVar[str] = "per_task"
     train_weights: ClassVar[bool] = False
     private_density: ClassVar[float | None] = None
+    bias_mode: str = "refuse"  # what convert_model does with the model's biases: refuse | keep
+    norm_mode: str = "per_task"  # and with its batch-norms: per_task (TaskBatchNorm) | keep
 
     def __init__(
         self,
@@ -88,6 +90,8 @@ class SupermaskStrategy(Strategy):
             weight_init=self.weight_init,
             train_weights=self.train_weights,
             private_density=self.private_density,
+            biases=self.bias_mode,
+            norms=self.norm_mode,
         )
         self.norms = [m for m in model.modules() if isinstance(m, TaskBatchNorm)]
         self.set_task(0)

@@ -1,5 +1,5 @@
 """PackNet: train, prune, retrain, freeze (Mallya & Lazebnik 2018, "PackNet: Adding Multiple Tasks to a
-Single Network by Iterative Pruning")."""
+Single Network by Iterative Pruning"; official code arunmallya/packnet)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from clbench.models import ContinualModel
-from clbench.streams import Stream, Task
+from clbench.streams import Stream, Task, TaskIds
 from clbench.trainer import Trainer
 from strategies.supermasks.base import SupermaskStrategy
 from strategies.supermasks.layers import MaskedLayer, num_kept
+
+SHARED_PARAMS = ("first_task", "per_task_norms")
 
 
 class PackNet(SupermaskStrategy):
@@ -21,25 +23,62 @@ class PackNet(SupermaskStrategy):
     ``1 - prune`` largest-magnitude of those free weights in each shared layer, zeroes and releases the
     rest for later tasks, and retrains the kept ones for ``retrain_epochs`` (None: as many epochs as the
     first phase). Task t's mask is every weight owned by tasks 0..t; an ``owner`` map (0 = free) holds
-    them all. Per-task heads are task-private and not pruned."""
+    them all. Per-task heads are task-private and not pruned.
+
+    ``shared_params`` decides the parameters that are not masked weights. ``first_task`` (the default, the
+    paper's and the official code's): the model's biases and batch-norms (affine, with their running
+    statistics where the model keeps them) are trained with the first task and frozen afterwards (the
+    official ``train_biases`` / ``train_bn`` off after the first task; its batch-norms then run in eval
+    mode). ``per_task_norms``: no biases (a model with biases is refused) and one non-affine batch-norm per
+    task, as SupSup's ``MultitaskNonAffineBN``: an addition to PackNet that gives every task its own
+    normalisation statistics.
+    """
 
     name = "packnet"
     score_layout = "none"
     private_density = 1.0
 
-    def __init__(self, prune: float = 0.75, retrain_epochs: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        prune: float = 0.75,
+        retrain_epochs: int | None = None,
+        shared_params: str = "first_task",
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("weight_init", "default")
         super().__init__(density=1.0, **kwargs)
         if not 0.0 <= prune < 1.0:
             raise ValueError(f"strategy.prune must be in [0, 1), got {prune}")
+        if shared_params not in SHARED_PARAMS:
+            raise ValueError(f"unknown strategy.shared_params {shared_params!r}: use one of {', '.join(SHARED_PARAMS)}")
         self.prune = prune
         self.retrain_epochs = retrain_epochs
+        self.shared_params = shared_params
+        if shared_params == "first_task":
+            self.bias_mode, self.norm_mode = "keep", "keep"
         self.owner: dict[MaskedLayer, Tensor] = {}
+        self.kept_norms: list[nn.Module] = []
 
     def setup(self, model: ContinualModel, stream: Stream) -> ContinualModel:
         super().setup(model, stream)
         self.owner = {layer: torch.zeros_like(layer.weight, dtype=torch.int16) for layer in self.layers}
+        self.kept_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         return model
+
+    def bias_parameters(self, task_id: int, shared: bool) -> list[nn.Parameter]:
+        """The biases of ``task_id``'s layers: of the shared ones, or of its own head (trained with its task)."""
+        layers = [layer for layer in self.task_layers(task_id) if (len(layer.owners) > 1) == shared]
+        return [layer.bias for layer in layers if layer.bias is not None]
+
+    def first_task_parameters(self, task_id: int) -> list[nn.Parameter]:
+        """The shared biases and the batch-norm parameters that only the first task trains."""
+        return self.bias_parameters(task_id, shared=True) + [p for m in self.kept_norms for p in m.parameters()]
+
+    def forward(self, x: Tensor, task_ids: TaskIds) -> Tensor:
+        if self.learned:  # after the first task the kept batch-norms are frozen: statistics included
+            for norm in self.kept_norms:
+                norm.eval()
+        return super().forward(x, task_ids)
 
     def owned_up_to(self, layer: MaskedLayer, task_id: int) -> Tensor:
         """Task ``task_id``'s mask: the weights owned by tasks 0..task_id."""
@@ -83,7 +122,8 @@ class PackNet(SupermaskStrategy):
         super().after_task(task)
 
     def parameters(self, task: Task) -> Sequence[nn.Parameter]:
-        return self.weight_parameters(task.id)
+        own = [*self.weight_parameters(task.id), *self.bias_parameters(task.id, shared=False)]
+        return own if self.learned else [*own, *self.first_task_parameters(task.id)]
 
     def mask_storage(self) -> dict[str, Any]:
         storage = super().mask_storage()
