@@ -45,6 +45,17 @@ the preference-weighted combination of the extreme points. How each step is done
   seen so far.
 * **Optimizer.** The KL to a tight last posterior is stiff: plain SGD at clbench's default lr can diverge;
   use Adam (the official code uses Adam, lr 1e-3; ``experiment=ibcl_split_fmnist`` sets it).
+* **Mode** (``mode``, recorded in result.json). ``clbench`` (default) is described above. ``official``
+  does three things as the official Pyro code does, each a choice this module otherwise makes
+  differently on purpose: (1) the KL term is divided by the batch size B (Pyro's ELBO sums the batch's
+  log-likelihoods and adds the whole KL once per step) instead of the number of training samples N - the
+  ELBO of the data set per sample is CE + KL / N, so KL / B over-weights the prior N / B times; (2) every
+  fit starts its Gaussian tensors at mu = 0, sigma = 1 instead of at the chain's last posterior (a tensor
+  trained before) or the model's initial weights (a new one) - a warm start is the usual variational
+  continual learning practice and converges in fewer steps; (3) each HDR draw takes one uniform scalar per
+  tensor (every entry of a tensor moves by the same fraction of its interval) instead of one per entry
+  (a uniform draw from the box), and 10 draws are made per preference; R_p is then their mean accuracy
+  and result.json keeps every draw's row (``draw_rows``), from which the official max / mean / min follow.
 
 Nothing in the zero-shot path creates or steps an optimizer: it runs under ``torch.no_grad`` on the stored
 posteriors, after training, so the training cost of a task does not depend on the number of preferences;
@@ -85,6 +96,22 @@ TASK_HEADS = ("own", "combine")
 """Where a task-scenario head comes from: its own task's extreme points, or the preference's combination."""
 
 
+@dataclass(frozen=True)
+class IBCLMode:
+    """The choices on which clbench's IBCL and the official code differ (see the module docstring)."""
+
+    kl_per_batch: bool  # ELBO per sample = CE + KL / B (official) instead of CE + KL / N
+    standard_start: bool  # every fit starts at mu 0, sigma 1 (official) instead of the prior / the model's init
+    noise_per_tensor: bool  # one uniform scalar per tensor in an HDR draw (official) instead of one per entry
+    draws: int  # HDR draws per preference; the preference's row of R is their mean accuracy
+
+
+MODES = {
+    "clbench": IBCLMode(kl_per_batch=False, standard_start=False, noise_per_tensor=False, draws=1),
+    "official": IBCLMode(kl_per_batch=True, standard_start=True, noise_per_tensor=True, draws=10),
+}
+
+
 def restrict_preference(preference: Sequence[float], seen: int) -> np.ndarray:
     """The preference over the first ``seen`` tasks, renormalised; uniform if those weights are all zero."""
     weights = np.asarray(preference, dtype=np.float64)[:seen]
@@ -115,9 +142,12 @@ def combine(posteriors: Sequence[GaussianPosterior], weights: Sequence[float]) -
 
 
 @torch.no_grad()
-def hdr_sample(posterior: GaussianPosterior, mass: float, generator: torch.Generator) -> dict[str, Tensor]:
+def hdr_sample(
+    posterior: GaussianPosterior, mass: float, generator: torch.Generator, per_tensor: bool = False
+) -> dict[str, Tensor]:
     """One parameter vector drawn uniformly from the per-parameter central interval holding ``mass`` of the
-    Gaussian (mu +- z sigma); ``mass`` 0 gives the mean."""
+    Gaussian (mu +- z sigma); ``mass`` 0 gives the mean. ``per_tensor``: one uniform scalar per tensor, so
+    all its entries sit at the same relative place in their intervals (the official code's draw)."""
     if not 0.0 <= mass < 1.0:
         raise ValueError(f"hdr_mass must be in [0, 1), got {mass}")
     z = standard_normal_quantile((1.0 + mass) / 2.0) if mass > 0 else 0.0
@@ -126,7 +156,7 @@ def hdr_sample(posterior: GaussianPosterior, mass: float, generator: torch.Gener
         if z == 0.0:
             values[key] = mu.clone()
             continue
-        u = torch.rand(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        u = torch.rand(() if per_tensor else mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         values[key] = mu + posterior.sigma[key] * z * (2.0 * u - 1.0)
     return values
 
@@ -175,6 +205,7 @@ class IBCL(Strategy):
         hdr_mass: float = 0.01,
         task_heads: str = "own",
         seed: int = 0,
+        mode: str = "clbench",
     ) -> None:
         super().__init__()
         if num_extreme_points < 1:
@@ -193,6 +224,8 @@ class IBCL(Strategy):
             raise ValueError(f"strategy.hdr_mass must be in [0, 1) (0: the mean), got {hdr_mass}")
         if task_heads not in TASK_HEADS:
             raise ValueError(f"unknown strategy.task_heads {task_heads!r}: use one of {', '.join(TASK_HEADS)}")
+        if mode not in MODES:
+            raise ValueError(f"unknown strategy.mode {mode!r}: use one of {', '.join(MODES)}")
         if sample is not None and sample < 0:
             raise ValueError(f"strategy.sample must be >= 0 (preferences drawn from the simplex), got {sample}")
         self.given_preferences = None if preferences is None else [[float(w) for w in p] for p in preferences]
@@ -205,6 +238,8 @@ class IBCL(Strategy):
         self.hdr_mass = float(hdr_mass)
         self.task_heads = task_heads
         self.seed = int(seed)
+        self.mode_name = mode
+        self.mode = MODES[mode]
         self.point_model: ContinualModel | None = None
         self.template: ContinualModel | None = None
         self.preferences = np.zeros((0, 0))
@@ -216,6 +251,7 @@ class IBCL(Strategy):
         self.trained_keys: set[str] = set()
         self.bayesian_keys: set[str] = set()
         self.rows: list[list[list[float]]] = []
+        self.draw_rows: list[list[list[list[float]]]] = []  # [preference][task][draw][evaluated task], draws > 1
         self.random_init_acc: list[float] | None = None
         self.timings = Timings()
         self.trainer: Trainer | None = None
@@ -240,6 +276,7 @@ class IBCL(Strategy):
         self.bayesian_keys = {key for key, sigma in self.priors[0].sigma.items() if sigma.any()}
         self.chain_index = [-1] * self.num_extreme_points
         self.rows = [[] for _ in range(len(self.preferences))]
+        self.draw_rows = [[] for _ in range(len(self.preferences))] if self.mode.draws > 1 else []
         return self.model
 
     def resolve_preferences(self, num_tasks: int) -> np.ndarray:
@@ -283,9 +320,12 @@ class IBCL(Strategy):
             prior = self.chain(j)
             set_prior(self.model, prior)
             start = GaussianPosterior(dict(prior.mu), dict(prior.sigma))
+            if self.mode.standard_start:
+                for key in keys & self.bayesian_keys:
+                    start.mu[key], start.sigma[key] = torch.zeros_like(prior.mu[key]), torch.ones_like(prior.mu[key])
             if fresh:
                 initial = self.initial_means()
-                for key in fresh:
+                for key in fresh - (self.bayesian_keys if self.mode.standard_start else set()):
                     start.mu[key] = initial[key]
                     sigma = self.init_sigma if key in self.bayesian_keys else 0.0  # batch-norm affine: a point
                     start.sigma[key] = torch.full_like(initial[key], sigma)
@@ -304,12 +344,13 @@ class IBCL(Strategy):
 
     def loss(self, output: Tensor, y: Tensor, batch: Batch, task: Task) -> Tensor:
         """Negative ELBO per training sample: CE of one reparameterised sample + kl_weight * KL / num_train,
-        the KL over the layers trained for this task (the others sit at their prior: KL 0)."""
+        the KL over the layers trained for this task (the others sit at their prior: KL 0). In the official
+        mode the KL is divided by the batch size instead (see the module docstring)."""
         loss = F.cross_entropy(output, y)
         if self.kl_weight == 0 or not self._kl_layers:
             return loss
         kl = torch.stack([layer.kl() for layer in self._kl_layers]).sum()
-        return loss + self.kl_weight * kl / self._num_train
+        return loss + self.kl_weight * kl / (y.shape[0] if self.mode.kl_per_batch else self._num_train)
 
     def after_task(self, task: Task) -> None:
         """Zero-shot: for every preference, the HDR model of its combination, evaluated on every task (row
@@ -318,17 +359,21 @@ class IBCL(Strategy):
         seen = task.id + 1
         generate_s = evaluate_s = 0.0
         for p, preference in enumerate(self.preferences):
-            tick = time.perf_counter()
-            self.load_zero_shot(restrict_preference(preference, seen), _seed_for(self.seed, task.id, 0, p))
-            generate_s += time.perf_counter() - tick
-            tick = time.perf_counter()
-            for module in self.eval_modules():
-                module.eval()
-            row = torch.stack(
-                [self.trainer.accuracy(self, t, "test", self.give_task_id) for t in self.stream.evaluation_tasks]
-            )
-            self.rows[p].append(row.cpu().tolist())
-            evaluate_s += time.perf_counter() - tick
+            draws = []
+            for d in range(self.mode.draws):
+                tick = time.perf_counter()
+                parts = (self.seed, task.id, 0, p) if d == 0 else (self.seed, task.id, 0, p, d)
+                self.load_zero_shot(restrict_preference(preference, seen), _seed_for(*parts))
+                generate_s += time.perf_counter() - tick
+                tick = time.perf_counter()
+                for module in self.eval_modules():
+                    module.eval()
+                tasks = self.stream.evaluation_tasks
+                draws.append(torch.stack([self.trainer.accuracy(self, t, "test", self.give_task_id) for t in tasks]))
+                evaluate_s += time.perf_counter() - tick
+            self.rows[p].append(torch.stack(draws).mean(dim=0).cpu().tolist())
+            if self.draw_rows:
+                self.draw_rows[p].append(torch.stack(draws).cpu().tolist())
         tick = time.perf_counter()
         self.load_zero_shot(np.full(seen, 1.0 / seen), _seed_for(self.seed, task.id, 1, 0))
         self.timings.zero_shot_s.append(generate_s + time.perf_counter() - tick)
@@ -415,7 +460,7 @@ class IBCL(Strategy):
         posterior = self.zero_shot_posterior(preference)
         device = next(iter(posterior.mu.values())).device
         generator = torch.Generator(device=device).manual_seed(seed)
-        values = hdr_sample(posterior, self.hdr_mass, generator)
+        values = hdr_sample(posterior, self.hdr_mass, generator, per_tensor=self.mode.noise_per_tensor)
         params = dict(self.point_model.named_parameters())
         if params.keys() != values.keys():
             raise RuntimeError(f"zero-shot keys do not match the model: {sorted(params.keys() ^ values.keys())[:5]}")
@@ -474,6 +519,9 @@ class IBCL(Strategy):
                 },
                 "hdr_mass": self.hdr_mass,
                 "task_heads": self.task_heads,
+                "mode": self.mode_name,
+                "hdr_draws": self.mode.draws,
+                "draw_rows": [list(rows) for rows in self.draw_rows],
             }
         }
 
@@ -490,6 +538,7 @@ class IBCL(Strategy):
             "reused": list(self.reused),
             "trained_keys": sorted(self.trained_keys),
             "rows": [list(rows) for rows in self.rows],
+            "draw_rows": [list(rows) for rows in self.draw_rows],
             "random_init_acc": self.random_init_acc,
             "timings": {
                 "train_s": self.timings.train_s,
@@ -511,5 +560,6 @@ class IBCL(Strategy):
         self.reused = list(state["reused"])
         self.trained_keys = set(state["trained_keys"])
         self.rows = [list(rows) for rows in state["rows"]]
+        self.draw_rows = [list(rows) for rows in state.get("draw_rows", [])]
         self.random_init_acc = state["random_init_acc"]
         self.timings = Timings(**{k: list(v) for k, v in state["timings"].items()})

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clbench.data import load_synthetic
 from clbench.models import MLP
+from clbench.models.bayesian import bayesian_layers, posterior_of
 from clbench.report import main as report_main
 from clbench.streams import split_stream
 from clbench.trainer import Trainer
@@ -254,3 +256,72 @@ def test_cli_run_writes_a_matrix_per_preference_and_the_report_plots_the_front(r
     assert report_main([str(tmp_path / "results"), "--plots", str(tmp_path / "plots")]) == 0
     pareto = list((tmp_path / "plots").glob("ibcl_pareto_split_digits_*.png"))
     assert len(pareto) == 1 and pareto[0].stat().st_size > 10_000
+
+
+def test_official_mode_divides_the_kl_by_the_batch_size_and_clbench_by_the_training_set_size():
+    for mode, divisor in (("clbench", lambda batch, n: n), ("official", lambda batch, n: batch)):
+        strategy, stream, _ = _setup(mode=mode)
+        task = stream[0]
+        strategy._kl_layers = [layer for _, layer in bayesian_layers(strategy.model)]
+        strategy._num_train = task.num_train
+        x = stream.inputs("train", task.train_index[:5], 0)
+        y = task.train_targets[:5]
+        output = strategy.model(x, 0)
+        kl = torch.stack([layer.kl() for layer in strategy._kl_layers]).sum()
+        expected = F.cross_entropy(output, y) + kl / divisor(5, task.num_train)
+        torch.testing.assert_close(strategy.loss(output, y, None, task), expected)
+
+
+def test_official_mode_starts_every_fit_at_mean_zero_and_sigma_one(monkeypatch):
+    strategy, stream, trainer = _setup(mode="official")
+    starts = []
+    fit = Trainer.fit
+
+    def recording_fit(self, strat, tasks, *args, **kwargs):
+        starts.append(posterior_of(strat.model))
+        return fit(self, strat, tasks, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", recording_fit)
+    _train(strategy, stream, trainer, tasks=2)
+    assert len(starts) == 2 * strategy.num_extreme_points
+    for k, start in enumerate(starts):
+        task_id = k // strategy.num_extreme_points
+        trained = ["body.1.weight", "body.1.bias", *strategy.head_keys(task_id)]
+        for key in trained:
+            assert torch.equal(start.mu[key], torch.zeros_like(start.mu[key])), key
+            torch.testing.assert_close(start.sigma[key], torch.ones_like(start.sigma[key]))
+    # clbench's mode warm-starts task 1 from each chain's task-0 posterior instead
+    warm, stream, trainer = _setup()
+    starts.clear()
+    _train(warm, stream, trainer, tasks=2)
+    assert not torch.equal(starts[2].mu["body.1.weight"], torch.zeros_like(starts[2].mu["body.1.weight"]))
+    _assert_same(starts[2], warm.knowledge_base[warm.extreme_points[0][0]], ["body.1.weight"])
+
+
+def test_official_hdr_draw_moves_a_whole_tensor_by_one_scalar(trained):
+    posterior = trained[0].zero_shot_posterior([0.2, 0.3, 0.5])
+    official = hdr_sample(posterior, 0.5, torch.Generator().manual_seed(1), per_tensor=True)
+    entry = hdr_sample(posterior, 0.5, torch.Generator().manual_seed(1))
+    for key, mu in posterior.mu.items():
+        sigma = posterior.sigma[key]
+        positions = ((official[key] - mu) / sigma)[sigma > 0]
+        torch.testing.assert_close(positions, positions[:1].expand_as(positions), rtol=0, atol=1e-4)
+    per_entry = ((entry["body.1.weight"] - posterior.mu["body.1.weight"]) / posterior.sigma["body.1.weight"]).flatten()
+    assert per_entry.std() > 0.1  # the default draw is one uniform per entry
+
+
+def test_official_mode_records_ten_draws_per_preference_and_their_mean_as_the_row():
+    strategy, stream, trainer = _setup(mode="official", sample=2)
+    _train(strategy, stream, trainer, tasks=2)
+    results = strategy.extra_results()["ibcl"]
+    assert results["mode"] == "official" and results["hdr_draws"] == 10
+    draws = np.asarray(results["draw_rows"])  # [preference, task, draw, evaluated task]
+    assert draws.shape == (2, 2, 10, NUM_TASKS)
+    np.testing.assert_allclose(np.asarray(strategy.rows), draws.mean(axis=2), rtol=1e-6)
+    assert (draws.std(axis=2) > 0).any()  # the draws differ
+    assert strategy.extra_results()["ibcl"]["mode"] == "official"
+    default, stream, trainer = _setup(sample=2)
+    _train(default, stream, trainer, tasks=1)
+    assert default.extra_results()["ibcl"]["mode"] == "clbench" and default.extra_results()["ibcl"]["draw_rows"] == []
+    with pytest.raises(ValueError, match=r"strategy\.mode"):
+        IBCL(mode="pyro")
