@@ -21,6 +21,15 @@ MAX_TICKS = 25
 """At most this many labelled ticks per axis (every k-th task beyond it)."""
 
 
+def text_colour(rgba: Sequence[float]) -> str:
+    """Black or white, whichever reads better on a cell of colour ``rgba``: black where the cell's relative
+    luminance (WCAG 2.x, from linearised sRGB) exceeds 0.179, the point where both contrast ratios are equal.
+    A fixed threshold on the value fails on diverging maps, whose middle (0.0 on RdBu) is white."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "black" if luminance > 0.179 else "white"
+
+
 def matrix_figure(matrix: np.ndarray, title: str, cmap: str = "viridis", symmetric: bool = False) -> Figure:
     """A heatmap, every finite cell annotated up to ``MAX_ANNOTATED`` rows; rows are 'after training task i',
     columns 'task j'."""
@@ -38,9 +47,8 @@ def matrix_figure(matrix: np.ndarray, title: str, cmap: str = "viridis", symmetr
     if values.shape[0] <= MAX_ANNOTATED and values.shape[1] <= MAX_ANNOTATED:
         for (i, j), value in np.ndenumerate(values):
             if np.isfinite(value):
-                label = axes.text(
-                    j, i, f"{value:.1f}", ha="center", va="center", fontsize=7, color="white" if value < 50 else "black"
-                )
+                colour = text_colour(image.cmap(image.norm(value)))
+                label = axes.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7, color=colour)
                 # inside its cell: tight_layout need not measure it (for 20 x 20 cells, 0.1 s of 0.2 s)
                 label.set_in_layout(False)
     axes.set_xlabel("evaluated on task j")
@@ -172,6 +180,119 @@ def save_pareto(
         right.legend(fontsize=7)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _legend_below(figure: Figure, axes, entries: int) -> None:
+    """The legend under the axes, in as many columns as fit: labels never overlap the data or each other."""
+    if entries:
+        axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(3, entries), frameon=False)
+
+
+def save_matrix_grid(groups: Sequence[tuple[str, Sequence[np.ndarray]]], path: Path) -> Path:
+    """Per group, the mean accuracy matrix over its seeds; each annotated cell (up to 12 tasks) reads
+    ``mean`` over ``± sd`` (the seed spread), in the colour that reads on that cell (:func:`text_colour`)."""
+    columns = min(3, len(groups))
+    rows = -(-len(groups) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 4.4 * rows), squeeze=False)
+    for axis in axes.flat[len(groups) :]:
+        axis.axis("off")
+    image = None
+    for axis, (label, matrices) in zip(axes.flat, groups, strict=False):
+        stack = np.stack([np.asarray(m, dtype=np.float64) for m in matrices])
+        mean = stack.mean(axis=0)
+        spread = stack.std(axis=0, ddof=1) if len(stack) > 1 else None
+        image = axis.imshow(mean, vmin=0, vmax=100, cmap="viridis")
+        if mean.shape[0] <= 12:
+            for (i, j), value in np.ndenumerate(mean):
+                text = f"{value:.0f}" if spread is None else f"{value:.0f}\n±{spread[i, j]:.1f}"
+                axis.text(
+                    j, i, text, ha="center", va="center", fontsize=6, color=text_colour(image.cmap(image.norm(value)))
+                )
+        ticks = range(0, mean.shape[0], -(-mean.shape[0] // MAX_TICKS))
+        axis.set_xticks(ticks)
+        axis.set_yticks(ticks)
+        axis.set_title(f"{label}\n(n = {len(stack)})", fontsize=8)
+        axis.set_xlabel("evaluated on task j")
+        axis.set_ylabel("after training task i")
+    if image is not None:
+        figure.colorbar(image, ax=axes, fraction=0.02, label="accuracy (%)")
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _band(values: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column: mean and Student-t confidence bounds over the rows (seeds); the bounds are the mean for one row."""
+    from scipy import stats as scipy_stats
+
+    mean = values.mean(axis=0)
+    if values.shape[0] < 2:
+        return mean, mean, mean
+    half = (
+        scipy_stats.t.ppf(0.5 + level / 2, values.shape[0] - 1) * values.std(axis=0, ddof=1) / np.sqrt(values.shape[0])
+    )
+    return mean, mean - half, mean + half
+
+
+def save_curves(groups: Sequence[tuple[str, Sequence[np.ndarray]]], path: Path, level: float = 0.95) -> Path:
+    """:func:`curves_figure` written to ``path``."""
+    figure = curves_figure(groups, level)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def curves_figure(groups: Sequence[tuple[str, Sequence[np.ndarray]]], level: float = 0.95) -> Figure:
+    """Mean accuracy on the tasks seen so far after each task, per group, with its confidence band over seeds;
+    the x axis counts tasks in integers."""
+    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    longest = 1
+    for label, matrices in groups:
+        seen = np.array([[m[i, : i + 1].mean() for i in range(m.shape[0])] for m in matrices])
+        mean, low, high = _band(seen, level)
+        steps = np.arange(1, seen.shape[1] + 1)
+        longest = max(longest, seen.shape[1])
+        (line,) = axes.plot(steps, mean, marker="o", ms=3, label=f"{label} (n = {seen.shape[0]})")
+        axes.fill_between(steps, low, high, color=line.get_color(), alpha=0.18, lw=0)
+    axes.set_xticks(range(1, longest + 1, -(-longest // MAX_TICKS)))
+    axes.set_xlabel("tasks trained")
+    axes.set_ylabel("mean accuracy on tasks seen (%)")
+    axes.set_title(f"ACC over tasks: mean over seeds, {level:.0%} confidence band")
+    axes.grid(alpha=0.3)
+    _legend_below(figure, axes, len(groups))
+    return figure
+
+
+def save_bwt_fwt(
+    groups: Sequence[tuple[str, Sequence[float], Sequence[float]]], path: Path, level: float = 0.95
+) -> Path:
+    """One point per group at its mean (FWT, BWT) with confidence-interval bars on both axes; the groups are named
+    in a legend below the plot, not beside the points, so labels never overlap."""
+    figure, axes = plt.subplots(figsize=(7.0, 5.2))
+    for label, fwt, bwt in groups:
+        pairs = np.array([(f, b) for f, b in zip(fwt, bwt, strict=True) if np.isfinite(f) and np.isfinite(b)])
+        if pairs.size == 0:
+            continue
+        mean, low, high = _band(pairs, level)
+        axes.errorbar(
+            mean[0],
+            mean[1],
+            xerr=[[mean[0] - low[0]], [high[0] - mean[0]]],
+            yerr=[[mean[1] - low[1]], [high[1] - mean[1]]],
+            fmt="o",
+            capsize=3,
+            label=f"{label} (n = {len(pairs)})",
+        )
+    axes.axhline(0, color="grey", lw=0.8)
+    axes.axvline(0, color="grey", lw=0.8)
+    axes.set_xlabel("FWT (%)")
+    axes.set_ylabel("BWT (%)")
+    axes.set_title(f"Backward vs forward transfer: mean over seeds, {level:.0%} confidence intervals")
+    axes.grid(alpha=0.3)
+    _legend_below(figure, axes, len(groups))
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path

@@ -3,7 +3,7 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
-from clbench.plots import MAX_INCHES, MAX_TICKS, matrix_figure, save_matrix
+from clbench.plots import MAX_INCHES, MAX_TICKS, matrix_figure, save_matrix, text_colour
 
 
 def test_small_matrix_annotates_every_finite_cell():
@@ -28,3 +28,43 @@ def test_hundred_task_matrix_is_bounded_and_unannotated(tmp_path):
     plt.close(figure)
     path = save_matrix(values, "R", tmp_path / "r.png")
     assert path.stat().st_size > 0
+
+
+def test_cell_text_reads_on_every_cell_colour():
+    # a diverging map's middle is white: 0.0 used to print white on white
+    figure = matrix_figure(np.array([[0.0, -30.0], [30.0, np.nan]]), "transfer", cmap="RdBu", symmetric=True)
+    colours = {t.get_text(): t.get_color() for t in figure.axes[0].texts}
+    plt.close(figure)
+    assert colours["0.0"] == "black" and colours["-30.0"] == "white" and colours["30.0"] == "white"
+    figure = matrix_figure(np.array([[0.0, 100.0]]), "R")
+    colours = {t.get_text(): t.get_color() for t in figure.axes[0].texts}
+    plt.close(figure)
+    assert colours == {"0.0": "white", "100.0": "black"}  # viridis: dark purple to yellow
+
+
+def test_text_colour_by_luminance():
+    assert text_colour((1.0, 1.0, 1.0, 1.0)) == "black" and text_colour((0.0, 0.0, 0.0, 1.0)) == "white"
+    assert text_colour((0.0, 0.0, 1.0, 1.0)) == "white" and text_colour((1.0, 1.0, 0.0, 1.0)) == "black"
+
+
+def test_report_figures_have_integer_task_ticks_bands_and_legends_below(tmp_path):
+    from clbench.plots import save_bwt_fwt, save_curves, save_matrix_grid
+
+    rng = np.random.default_rng(0)
+    groups = [(f"strategy {k}", [rng.uniform(0, 100, (4, 4)) for _ in range(3)]) for k in range(5)]
+    for path in (
+        save_matrix_grid(groups, tmp_path / "grid.png"),
+        save_curves(groups, tmp_path / "curves.png"),
+        save_bwt_fwt([(name, [1.0, 2.0, 3.0], [-1.0, -2.0, -4.0]) for name, _ in groups], tmp_path / "scatter.png"),
+    ):
+        assert path.stat().st_size > 5000
+    from clbench.plots import curves_figure
+
+    figure = curves_figure(groups)
+    axes = figure.axes[0]
+    assert list(axes.get_xticks()) == [1, 2, 3, 4]  # tasks, in integers
+    assert len(axes.collections) == 5  # one confidence band per group
+    legend = axes.get_legend()
+    figure.canvas.draw()
+    assert legend.get_window_extent().y1 <= axes.get_window_extent().y0  # below the axes: never over the data
+    plt.close(figure)
