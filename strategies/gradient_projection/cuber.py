@@ -2,7 +2,13 @@
 Not-Forgetting: Continual Learning with Backward Knowledge Transfer", NeurIPS 2022, arXiv 2211.00789).
 No official code exists; the paper builds on TRGP (same authors), and so does this module.
 
-What each part implements (the paper's Sec. 4 and Algorithm 1, "learn task t"):
+Source note: the paper's full text (Sec. 4, Algorithm 1) could not be retrieved where this was written (only
+its abstract); the parts below follow the abstract's two notions ("sufficient projection", "positive
+correlation", judged layer-wise before the task), TRGP's official PMNIST code (the regime bookkeeping,
+``eplison_1`` / ``eplison_2``, the regimes fixed before the epoch loop) and the project's design note. The
+equation numbers are therefore not cited; check them against the full text.
+
+What each part implements (Algorithm 1, "learn task t"):
 
 - Layer-wise task correlation, decided ONCE per task (Algorithm 1, before the training loop): the new
   task's gradient ``g_t`` at ``W_{t-1}`` (the model before the task, plain weights) on ``grad_samples``

@@ -1,0 +1,188 @@
+"""CUBER's backward transfer (issue 21): GPM, TRGP, CUBER and fine-tune on two streams, 3 seeds, one command.
+
+    python benchmarks/cuber_backward_transfer.py
+
+Streams: rotated Fashion-MNIST with 3-degree steps (strongly related tasks, where backward transfer can exist)
+and permuted Fashion-MNIST (GPM's PMNIST protocol, reduced). Both use the GPM PMNIST recipe (MLP 784-100-100-10
+without biases, one shared head, SGD lr 0.01 without momentum, batch 10, 10 % of train held out, thresholds
+[0.95, 0.99, 0.99], 300 samples per representation, eps1 / trust threshold 0.2), reduced so that the 24 runs fit
+a shared 2-core CPU: ``--tasks`` tasks (5), ``--train`` training images per task (3,000, before the 10 % split)
+and ``--epochs`` epochs (2), identical for every strategy. Each run goes through ``clbench.runner.run`` on the
+composed config (in-process, ``cpu_threads=1``); runs already completed under ``--results-dir`` are skipped
+(``resume=true``), so a stopped script can be started again. The table (with CUBER's regime diagnostics from
+result.json) goes to ``--table``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+STRATEGIES = ("finetune", "gpm", "trgp", "cuber")
+STEP_DEGREES = 3.0
+THRESHOLDS = "strategy.threshold=[0.95,0.99,0.99]"
+STRATEGY_SETTINGS = {
+    "finetune": [],
+    "gpm": [THRESHOLDS, "strategy.num_samples=300"],
+    "trgp": [THRESHOLDS, "strategy.num_samples=300", "strategy.trust_threshold=0.2"],
+    "cuber": [THRESHOLDS, "strategy.num_samples=300", "strategy.eps1=0.2"],
+}
+
+
+def stream_overrides(stream: str, tasks: int) -> list[str]:
+    if stream == "rotated_fashion_mnist":
+        return [f"stream={stream}", f"stream.num_tasks={tasks}", f"stream.max_angle={STEP_DEGREES * tasks}"]
+    return [f"stream={stream}", f"stream.num_tasks={tasks}", "stream.permute_first=true"]
+
+
+def overrides(stream: str, strategy: str, seed: int, args: argparse.Namespace) -> list[str]:
+    return [
+        *stream_overrides(stream, args.tasks),
+        "stream.scenario=domain",
+        "stream.val_fraction=0.1",
+        f"stream.train_per_task={args.train}",
+        "model=mlp",
+        "model.hidden=[100,100]",
+        "model.bias=false",
+        f"trainer.epochs={args.epochs}",
+        "trainer.batch_size=10",
+        "trainer.lr=0.01",
+        "trainer.optimizer=sgd",
+        "trainer.momentum=0.0",
+        "trainer.weight_decay=0.0",
+        "trainer.progress=false",
+        f"strategy={strategy}",
+        *STRATEGY_SETTINGS[strategy],
+        f"seed={seed}",
+        "cpu_threads=1",
+        "device=cpu",
+        "logger=none",
+        "plots=false",
+        "verbose=false",
+        "resume=true",
+        f"results_dir={args.results_dir}",
+    ]
+
+
+def run_one(stream: str, strategy: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    from hydra import compose, initialize_config_dir
+
+    from clbench.__main__ import CONFIG_DIR
+    from clbench.runner import run
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides(stream, strategy, seed, args))
+    return run(cfg)
+
+
+def mean_sd(values: list[float], sign: str = "") -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):{sign}.2f} +- {sd:.2f}"
+
+
+def regime_summary(results: list[dict[str, Any]]) -> list[str]:
+    """CUBER's diagnostics over seeds: pairs per regime, free ranks, accuracy change of regime-3 tasks."""
+    counts = {1: 0, 2: 0, 3: 0}
+    ranks: list[list[int]] = []
+    changes: list[float] = []
+    per_task: dict[int, list[float]] = {}
+    for result in results:
+        for entry in result.get("cuber_regimes", []):
+            for row in entry["regimes"]:
+                for regime in row:
+                    counts[regime] += 1
+            if entry["task"] > 0:
+                ranks.append(entry["free_rank"])
+            for change in entry["regime3_accuracy"]:
+                changes.append(change["change"])
+                per_task.setdefault(entry["task"], []).append(change["change"])
+    layers = len(ranks[0]) if ranks else 0
+    mean_ranks = ", ".join(f"{statistics.mean(r[i] for r in ranks):.1f}" for i in range(layers)) or "-"
+    positive = sum(c > 0 for c in changes)
+    lines = [
+        f"- (layer, old task) pairs per regime, summed over tasks and seeds: regime 1 {counts[1]}, "
+        f"regime 2 {counts[2]}, regime 3 {counts[3]}",
+        f"- free-subspace rank per projected layer, mean over tasks 1.. and seeds: {mean_ranks}",
+        f"- accuracy change of a regime-3 task during the task (R[t][j] - R[t-1][j]): {len(changes)} cases, "
+        f"mean {statistics.mean(changes) if changes else float('nan'):+.2f}, {positive} positive",
+        "- mean change by task t: "
+        + ", ".join(f"t={t}: {statistics.mean(v):+.2f} (n={len(v)})" for t, v in sorted(per_task.items())),
+    ]
+    return lines
+
+
+def table(found: dict[tuple[str, str], list[dict[str, Any]]], args: argparse.Namespace, streams: list[str]) -> str:
+    lines = [
+        "# CUBER backward transfer (issue 21)",
+        "",
+        f"Reduced GPM PMNIST recipe on CPU (cpu_threads=1): {args.tasks} tasks, {args.train} training images per "
+        f"task (10 % held out), {args.epochs} epochs, batch 10, SGD lr 0.01, MLP 784-100-100-10 without biases, "
+        "thresholds [0.95, 0.99, 0.99], 300 samples per representation, eps1 / trust threshold 0.2, CUBER "
+        "eps2 0.01, lam 1, top_k 2 (conf/strategy/cuber.yaml defaults otherwise); identical for every strategy. "
+        f"Rotated Fashion-MNIST steps {STEP_DEGREES:g} degrees per task. ACC and BWT in percent, mean +- sd over "
+        "seeds.",
+        "",
+        "Made by `python benchmarks/cuber_backward_transfer.py`.",
+        "",
+    ]
+    for stream in streams:
+        lines += [
+            f"## {stream}",
+            "",
+            "| strategy | seeds | ACC | BWT | BWT per seed | wall s per run |",
+            "|---|---|---|---|---|---|",
+        ]
+        for strategy in STRATEGIES:
+            runs = sorted(found.get((stream, strategy), []), key=lambda r: r["seed"])
+            acc = [r["metrics"]["acc"] for r in runs]
+            bwt = [r["metrics"]["bwt"] for r in runs]
+            per_seed = ", ".join(f"{b:+.2f}" for b in bwt) or "-"
+            wall = ", ".join(f"{r['timings']['total_s']:.0f}" for r in runs) or "-"
+            lines.append(f"| {strategy} | {len(runs)} | {mean_sd(acc)} | {mean_sd(bwt, '+')} | {per_seed} | {wall} |")
+        cuber = found.get((stream, "cuber"), [])
+        if cuber:
+            lines += ["", "CUBER regime diagnostics (result.json `cuber_regimes`):", "", *regime_summary(cuber)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", nargs="+", default=["rotated_fashion_mnist", "permuted_fashion_mnist"])
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--tasks", type=int, default=5)
+    parser.add_argument("--train", type=int, default=3000)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--results-dir", type=Path, default=Path("/tmp/clbench_cuber_bwt"))
+    parser.add_argument("--table", type=Path, default=ROOT / "benchmarks/results/cuber_backward_transfer.md")
+    args = parser.parse_args()
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for stream in args.streams:
+        for seed in args.seeds:
+            for strategy in args.strategies:
+                tick = time.perf_counter()
+                result = run_one(stream, strategy, seed, args)
+                result = json.loads(Path(result["paths"]["result"]).read_text())  # as stored, JSON types
+                found.setdefault((stream, strategy), []).append(result)
+                m = result["metrics"]
+                print(
+                    f"{stream} {strategy} seed {seed}: ACC {m['acc']:.2f} BWT {m['bwt']:+.2f} "
+                    f"({time.perf_counter() - tick:.0f} s)",
+                    flush=True,
+                )
+    text = table(found, args, args.streams)
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    args.table.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
