@@ -118,6 +118,32 @@ def regime_summary(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def verdict(found: dict[tuple[str, str], list[dict[str, Any]]], stream: str) -> list[str]:
+    """The issue's checks, computed from the runs: CUBER's BWT positive and above TRGP's and GPM's; its ACC
+    not below TRGP's; fine-tune's own BWT (whether backward transfer can exist on the stream at all)."""
+    means = {}
+    for strategy in STRATEGIES:
+        runs = found.get((stream, strategy), [])
+        if runs:
+            means[strategy] = (
+                statistics.mean(r["metrics"]["acc"] for r in runs),
+                statistics.mean(r["metrics"]["bwt"] for r in runs),
+            )
+    if not {"cuber", "trgp", "gpm"} <= set(means):
+        return []
+    acc, bwt = means["cuber"]
+    lines = [
+        f"- CUBER's mean BWT is {'positive' if bwt > 0 else 'not positive'} ({bwt:+.2f}), "
+        f"{'above' if bwt > means['trgp'][1] else 'not above'} TRGP's ({means['trgp'][1]:+.2f}) and "
+        f"{'above' if bwt > means['gpm'][1] else 'not above'} GPM's ({means['gpm'][1]:+.2f}).",
+        f"- CUBER's mean ACC {acc:.2f} is {'not below' if acc >= means['trgp'][0] else 'below'} TRGP's "
+        f"({means['trgp'][0]:.2f}).",
+    ]
+    if "finetune" in means:
+        lines.append(f"- Fine-tune's own mean BWT: {means['finetune'][1]:+.2f}.")
+    return lines
+
+
 def table(found: dict[tuple[str, str], list[dict[str, Any]]], args: argparse.Namespace, streams: list[str]) -> str:
     lines = [
         "# CUBER backward transfer (issue 21)",
@@ -146,6 +172,7 @@ def table(found: dict[tuple[str, str], list[dict[str, Any]]], args: argparse.Nam
             per_seed = ", ".join(f"{b:+.2f}" for b in bwt) or "-"
             wall = ", ".join(f"{r['timings']['total_s']:.0f}" for r in runs) or "-"
             lines.append(f"| {strategy} | {len(runs)} | {mean_sd(acc)} | {mean_sd(bwt, '+')} | {per_seed} | {wall} |")
+        lines += ["", *verdict(found, stream)]
         cuber = found.get((stream, "cuber"), [])
         if cuber:
             lines += ["", "CUBER regime diagnostics (result.json `cuber_regimes`):", "", *regime_summary(cuber)]
