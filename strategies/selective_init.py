@@ -17,6 +17,8 @@ from clbench.trainer import Trainer
 
 MODES = ("zero_shot", "few_step")
 SCORERS = ("auto", "head", "ncm")
+SELECTORS = ("predictor", "best")
+EVALUATIONS = ("auto", "own", "final")
 INITIAL = -1
 """Candidate id of the model as set up, before any training (the checkpoints of tasks are 0, 1, ...)."""
 
@@ -32,14 +34,38 @@ def nearest_class_mean_accuracy(
     return float((predicted == query_y).double().mean()) * 100.0
 
 
+def transfer_probability(gain: float, weight: float, bias: float) -> float:
+    """The transfer predictor: probability that starting from a checkpoint beats the base model, a logistic
+    function of the checkpoint's score gain over the base model (percentage points / 100)."""
+    return float(torch.sigmoid(torch.tensor(weight * gain / 100.0 + bias)))
+
+
 class SelectiveInit(Strategy):
-    """Fine-tuning that starts every task from the stored checkpoint that scores best on it.
+    """Fine-tuning that starts every task from a stored checkpoint chosen for it, else from the base model.
 
     After each task the model's weights are stored (no optimizer state). Before task t every candidate,
-    the checkpoints of tasks 0..t-1 plus, with ``include_initial``, the model before any training (Fisch et
-    al.'s default initialisation), is scored on a slice of task t; the best is loaded and then fine-tuned as
-    usual. The current model is the checkpoint of task t-1, so it is always a candidate. Ties go to the
-    most recent checkpoint: with no signal the method is plain fine-tuning.
+    the checkpoints of tasks 0..t-1 plus, with ``include_initial``, the base model (the model before any
+    training: Fisch et al.'s default initialisation), is scored on a slice of task t; the chosen one is
+    loaded and then fine-tuned as usual.
+
+    Choice (``selector``). ``predictor`` (default; the paper's rule as we read it, Fisch et al. 2023 Sec. 5):
+    a transfer predictor gives each past checkpoint the probability that starting from it beats starting
+    from the base model, ``sigmoid(predictor_weight * gain / 100 + predictor_bias)`` with ``gain`` its score
+    minus the base model's in points; the most probable checkpoint is taken if that probability exceeds
+    0.5, otherwise the method falls back to the base model (ties with the base model go to the base model).
+    The paper fits its predictor on separate task sequences; a clbench stream has none, so its
+    coefficients are configuration (defaults 10 and 0: a checkpoint must score above the base model).
+    ``best``: the best-scoring candidate, base model included, ties to the most recent (the behaviour
+    before the fallback; with no signal it is plain fine-tuning). Without ``include_initial`` there is no
+    base model and both rules take the best checkpoint.
+
+    Evaluation (``evaluate``). The paper's learner keeps one model per task, the checkpoint fine-tuned on it,
+    and answers each task with its own model (``own``): forgetting is nil by construction, and the method is
+    about forward transfer. That needs the task id at test time: in the task scenario it is given
+    (``auto`` = ``own`` there); in the domain and class scenarios ``own`` reads it as an oracle, recorded as
+    ``uses_task_oracle``, so ``auto`` = ``final`` there: the last model answers every task, and a fallback
+    to the base model forgets every earlier task (below fine-tuning by design). Tasks not learned yet are
+    answered by the current model.
 
     ``mode=zero_shot`` scores a candidate as it is; ``mode=few_step`` first trains a copy of it for
     ``few_steps`` steps (the trainer's optimizer, lr and batch size, plain cross-entropy) on the support
@@ -56,10 +82,10 @@ class SelectiveInit(Strategy):
     predictions, as the paper's zero-shot accuracy does. After few steps the head has been trained on the
     support (starting, for every candidate, from the current model's head), so ``few_step`` reads the head.
 
-    In the task scenario only the shared body is stored and loaded: heads stay as they are, so the heads
-    of tasks learned since the chosen checkpoint are kept and task t starts from its fresh head. Elsewhere
-    the whole model (shared head included) is the candidate. ``offload`` keeps checkpoints on the CPU.
-    Scoring runs under its own random state, so choosing the last checkpoint changes nothing downstream.
+    Checkpoints hold the whole model. In the task scenario only the shared body is loaded as an
+    initialisation: heads stay as they are, so task t starts from its fresh head. Elsewhere the whole model
+    (shared head included) is the candidate. ``offload`` keeps checkpoints on the CPU. Scoring runs under
+    its own random state, so choosing the last checkpoint changes nothing downstream.
     """
 
     name = "selective_init"
@@ -73,8 +99,16 @@ class SelectiveInit(Strategy):
         include_initial: bool = True,
         offload: bool = False,
         seed: int = 0,
+        selector: str = "predictor",
+        predictor_weight: float = 10.0,
+        predictor_bias: float = 0.0,
+        evaluate: str = "auto",
     ) -> None:
         super().__init__()
+        if selector not in SELECTORS:
+            raise ValueError(f"unknown strategy.selector {selector!r}: use one of {', '.join(SELECTORS)}")
+        if evaluate not in EVALUATIONS:
+            raise ValueError(f"unknown strategy.evaluate {evaluate!r}: use one of {', '.join(EVALUATIONS)}")
         if mode not in MODES:
             raise ValueError(f"unknown strategy.mode {mode!r}: use one of {', '.join(MODES)}")
         if scorer not in SCORERS:
@@ -90,6 +124,13 @@ class SelectiveInit(Strategy):
         self.include_initial = include_initial
         self.offload = offload
         self.seed = seed
+        self.selector = selector
+        self.predictor_weight = predictor_weight
+        self.predictor_bias = predictor_bias
+        self.evaluate = evaluate
+        self.own_models = False
+        self.eval_model: ContinualModel | None = None
+        self._eval_loaded: int | None = None
         self.checkpoints: dict[int, dict[str, Tensor]] = {}
         self.chosen: list[int] = []
         self.scores: list[dict[int, float]] = []
@@ -104,6 +145,10 @@ class SelectiveInit(Strategy):
             )
         if self.include_initial:
             self.checkpoints[INITIAL] = self.snapshot()
+        self.own_models = self.evaluate == "own" or (self.evaluate == "auto" and stream.scenario == "task")
+        # Reading each task's own model needs the task id: an oracle outside the task scenario (recorded).
+        self.uses_task_oracle = self.own_models and stream.scenario != "task"  # type: ignore[misc]
+        self.eval_model = copy.deepcopy(model) if self.own_models else None
         return model
 
     def scoring_rule(self, scenario: str) -> str:
@@ -118,6 +163,7 @@ class SelectiveInit(Strategy):
 
     def after_task(self, task: Task) -> None:
         self.checkpoints[task.id] = self.snapshot()
+        self._eval_loaded = None
 
     # -- selection -----------------------------------------------------------------------------------
     def initialise(self, task: Task, trainer: Trainer) -> int:
@@ -130,11 +176,21 @@ class SelectiveInit(Strategy):
             self.scores.append({})
             return self.chosen[-1]
         scores = self.score_candidates(task, trainer, candidates)
-        best = max(candidates, key=lambda k: (scores[k], k))
-        self.load_into(self.model, self.checkpoints[best])
+        best = self.select(scores)
+        self.load_into(self.model, self.initialisation(self.checkpoints[best]))
         self.chosen.append(best)
         self.scores.append(scores)
         return best
+
+    def select(self, scores: dict[int, float]) -> int:
+        """The candidate to start from, by ``selector`` (see the class docstring)."""
+        if self.selector == "best" or INITIAL not in scores:
+            return max(scores, key=lambda k: (scores[k], k))
+        base = scores[INITIAL]
+        past = [k for k in scores if k != INITIAL]
+        chance = {k: transfer_probability(scores[k] - base, self.predictor_weight, self.predictor_bias) for k in past}
+        best = max(past, key=lambda k: (chance[k], k))
+        return best if chance[best] > 0.5 else INITIAL
 
     def score_candidates(self, task: Task, trainer: Trainer, candidates: list[int]) -> dict[int, float]:
         """Accuracy (percent) on ``task``'s query slice of every candidate, zero-shot or after few steps."""
@@ -148,7 +204,7 @@ class SelectiveInit(Strategy):
             for k in candidates:
                 torch.manual_seed(self.seed * 1_000_003 + task.id)
                 scratch.load_state_dict(self.model.state_dict())
-                self.load_into(scratch, self.checkpoints[k])
+                self.load_into(scratch, self.initialisation(self.checkpoints[k]))
                 if self.mode == "few_step":
                     self.train_few_steps(scratch, task, trainer, support)
                 scores[k] = self.accuracy(scratch, task, support, query, rule)
@@ -207,23 +263,36 @@ class SelectiveInit(Strategy):
         predicted = model(query[0], self.head_ids(task.id)).argmax(1)
         return float((predicted == query[1]).double().mean()) * 100.0
 
+    # -- evaluation ----------------------------------------------------------------------------------
+    def predict(self, x: Tensor, task_id: int | None) -> Tensor:
+        """Each learned task by its own checkpoint (``evaluate=own``); otherwise the current model."""
+        if not self.own_models or task_id is None or task_id not in self.checkpoints or self.eval_model is None:
+            return super().predict(x, task_id)
+        if self._eval_loaded != task_id:
+            self.load_into(self.eval_model, self.checkpoints[task_id])
+            self._eval_loaded = task_id
+        return self.eval_model(x, self.head_ids(task_id))
+
+    def eval_modules(self) -> list[torch.nn.Module]:
+        assert self.model is not None
+        return [self.model] if self.eval_model is None else [self.model, self.eval_model]
+
     # -- checkpoints ---------------------------------------------------------------------------------
-    def stored_keys(self) -> list[str]:
-        """State-dict keys a checkpoint holds: the shared body in the task scenario, everything elsewhere."""
+    def initialisation(self, checkpoint: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What of a checkpoint a new task starts from: the shared body in the task scenario (every head stays
+        as it is, the new task's fresh), the whole model elsewhere."""
         assert self.model is not None and self.stream is not None
-        keys = list(self.model.state_dict())
-        if self.stream.scenario == "task":
-            head_keys = {f"heads.{key}" for key in self.model.heads.state_dict()}
-            keys = [key for key in keys if key not in head_keys]
-        return keys
+        if self.stream.scenario != "task":
+            return checkpoint
+        head_keys = {f"heads.{key}" for key in self.model.heads.state_dict()}
+        return {key: value for key, value in checkpoint.items() if key not in head_keys}
 
     def snapshot(self) -> dict[str, Tensor]:
-        """A detached copy of the current weights (see ``stored_keys``), on the CPU with ``offload``."""
+        """A detached copy of the whole current model, on the CPU with ``offload``."""
         assert self.model is not None
         state = self.model.state_dict()
         return {
-            key: state[key].detach().to("cpu" if self.offload else state[key].device, copy=True)
-            for key in self.stored_keys()
+            key: value.detach().to("cpu" if self.offload else value.device, copy=True) for key, value in state.items()
         }
 
     @staticmethod
@@ -240,6 +309,8 @@ class SelectiveInit(Strategy):
         return {
             "selective_init": {
                 "mode": self.mode,
+                "selector": self.selector,
+                "evaluate": "own" if self.own_models else "final",
                 "scorer": self.scoring_rule(self.stream.scenario),
                 "chosen": list(self.chosen),
                 "scores": [{str(k): v for k, v in scores.items()} for scores in self.scores],
@@ -262,3 +333,4 @@ class SelectiveInit(Strategy):
         }
         self.chosen = list(state["chosen"])
         self.scores = [dict(scores) for scores in state["scores"]]
+        self._eval_loaded = None
