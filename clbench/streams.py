@@ -105,6 +105,7 @@ class Stream:
     info: dict = field(default_factory=dict)
     eval_tasks: list[Task] | None = None
     mask_absent_classes: bool = False
+    mask_per_batch: bool = False  # with mask_absent_classes: mask the classes absent from each batch, not the task
 
     @property
     def evaluation_tasks(self) -> list[Task]:

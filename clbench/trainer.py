@@ -297,7 +297,8 @@ class Trainer:
                     aux = None if block_aux is None else block_aux[rows]
                     batch = Batch(block_x[rows], epoch_targets[chosen], batch_ids, batch_index, aux)
                     if kept is not None:
-                        self._closed_form_step(closed, strategy, batch, current, absent, optimizer, kept.rows(chosen))
+                        masked = self._batch_absent(absent, batch.y)
+                        self._closed_form_step(closed, strategy, batch, current, masked, optimizer, kept.rows(chosen))
                     else:
                         loss, predicted = (
                             step_fn(batch) if graphed is None else graphed(batch, key=optimizer.param_groups[0]["lr"])
@@ -340,6 +341,7 @@ class Trainer:
     ) -> tuple[Tensor, Tensor]:
         """One optimizer step on ``batch``; returns the detached loss and the predicted classes. Free of
         host reads, so that ``trainer.cuda_graphs`` can record it whole."""
+        absent = self._batch_absent(absent, batch.y)
         with self.autocast():
             output = strategy.forward(batch.x, batch.task_ids)
             if absent is not None:
@@ -413,6 +415,13 @@ class Trainer:
         for task in tasks:
             absent[list(task.classes)] = False
         return absent
+
+    def _batch_absent(self, absent: Tensor | None, y: Tensor) -> Tensor | None:
+        """The step's group mask: the task's (``absent``) or, where the stream masks per batch (SCoLe's
+        official code), the classes with no sample in this batch. On the device, no host read."""
+        if absent is None or self.stream is None or not self.stream.mask_per_batch:
+            return absent
+        return torch.ones_like(absent).index_fill_(0, y, False)
 
     def evaluate(self, strategy: Strategy, give_task_id: bool) -> list[float]:
         """One row of R (``Evaluator.row``)."""

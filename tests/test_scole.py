@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from clbench.data import load_digits
+from clbench.models import MLP
 from clbench.scole import accumulation_summary, class_probabilities, scole_stream
 from clbench.trainer import Trainer
+from strategies.finetune import Finetune
 
 
 def test_tasks_draw_few_classes_that_reoccur():
@@ -67,3 +69,47 @@ def _mnist5k_test_labels() -> np.ndarray:
     from clbench.data import load_mnist5k
 
     return load_mnist5k().y_test.numpy()
+
+
+def test_official_distribution_is_the_linear_decrease_to_the_power_then_shuffled():
+    # get_probability for 10 classes: (1 - 0.05 c) normalised, squared (entropy_decrease 2), normalised,
+    # then shuffled by the seed's legacy NumPy generator
+    linear = 1.0 - 0.05 * np.arange(10)
+    powered = (linear / linear.sum()) ** 2
+    expected = (powered / powered.sum())[np.random.RandomState(3).permutation(10)]
+    official = class_probabilities(10, "official", entropy_decrease=2.0, seed=3)
+    np.testing.assert_allclose(official, expected, rtol=1e-12)
+    assert not (np.diff(official) <= 0).all()  # shuffled: frequency does not follow the label
+    np.testing.assert_allclose(class_probabilities(10, "official", entropy_decrease=0.0), np.full(10, 0.1))
+    hundred = class_probabilities(100, "official", entropy_decrease=1.0, seed=0)
+    assert hundred.min() == pytest.approx((1 - 0.01 * 99) / (1 - 0.01 * np.arange(100)).sum())  # slope 0.01
+    with pytest.raises(ValueError, match=r"stream\.factor below"):
+        class_probabilities(30, "official", entropy_decrease=1.0)  # 1 - 0.05 * 29 < 0
+
+
+def test_official_stream_draws_by_the_official_distribution():
+    stream = scole_stream(load_digits(), num_tasks=4, distribution="official", entropy_decrease=3.0, seed=5)
+    expected = class_probabilities(10, "official", entropy_decrease=3.0, seed=5)
+    np.testing.assert_allclose(stream.info["class_probabilities"], expected)
+    assert stream.info["masking"] == "task" and not stream.mask_per_batch
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_batch_masking_masks_the_classes_absent_from_each_batch(closed_form):
+    # one sample per batch: with the batch's own class the only one left, every step's loss is 0 and nothing
+    # moves; masked per task (2 classes) the model learns
+    moved = {}
+    for masking in ("task", "batch"):
+        stream = scole_stream(load_digits(), num_tasks=1, classes_per_task=2, samples_per_class=8, masking=masking)
+        torch.manual_seed(0)
+        model = MLP(stream.input_shape, stream.head_sizes, hidden=[8])
+        before = [p.detach().clone() for p in model.parameters()]
+        strategy = Finetune()
+        strategy.setup(model, stream)
+        trainer = Trainer(epochs=1, batch_size=1, lr=0.1, progress=False, closed_form=closed_form)
+        trainer.attach(stream, seed=0)
+        trainer.fit(strategy, [stream.tasks[0]])
+        moved[masking] = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert moved == {"task": True, "batch": False}
+    with pytest.raises(ValueError, match=r"stream\.masking"):
+        scole_stream(load_digits(), num_tasks=1, masking="step")
