@@ -8,9 +8,9 @@ a Fisher per parameter), so ``result.json`` records, under ``cost``:
   run took. The step is measured once, on the last task after the run, with the strategy's own forward and
   loss (penalties and distillation included); per-step gradient surgery (projections) and per-task
   consolidation (an SVD, a Fisher pass) are not in it, so it is a lower bound for those methods.
-* ``peak_memory_bytes``: on a GPU, the most memory torch allocated on the device; on a CPU, the process's
-  peak resident set (``ru_maxrss``), which includes Python and torch themselves (~0.3-0.5 GB); the
-  ``peak_memory_kind`` key says which.
+* ``peak_memory_bytes``: on a GPU, the most memory torch allocated on the device during the run; on a CPU,
+  the process's peak resident set during the run (Linux ``VmHWM``, reset at the run's start), which includes
+  Python and torch themselves (~0.3-0.7 GB); ``peak_memory_kind`` says which.
 * ``kept_bytes``: ``Strategy.kept_bytes()``, what the strategy stores between tasks beyond the model it
   trains (bases, masks, Fisher diagonals, anchors, stored checkpoints or models).
 * ``train_steps`` and ``train_samples``: the steps counted, and the samples they saw.
@@ -18,10 +18,12 @@ a Fisher per parameter), so ``result.json`` records, under ``cost``:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -98,12 +100,32 @@ def step_flops(strategy: Strategy, trainer: Trainer, task: Task) -> int:
     return int(counter.get_total_flops())
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the run's peak-memory reading from now: torch's CUDA peak, or on Linux the process's resident-set
+    high-water mark (``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``), so that the jobs of a sweep
+    sharing one process (Hydra's basic launcher) each get their own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # not Linux, or not allowed: peak_memory then reads the process's peak since its start
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory(device: torch.device) -> dict[str, Any]:
-    """The run's peak memory: torch's peak allocation on a CUDA device, else the process's peak resident set."""
+    """The run's peak memory: torch's peak allocation on a CUDA device (``cuda_allocated``); else the resident
+    set's high-water mark since :func:`reset_peak_memory` (``rss``), or, where that cannot be read, the
+    process's lifetime peak (``process_rss``)."""
     if device.type == "cuda":
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_memory_kind": "cuda_allocated"}
-    # Linux reports ru_maxrss in KiB
-    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_memory_kind": "rss"}
+    try:
+        status = Path("/proc/self/status").read_text()
+        kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        return {"peak_memory_bytes": kib * 1024, "peak_memory_kind": "rss"}
+    except (OSError, StopIteration, ValueError, IndexError):
+        # ru_maxrss is in KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"peak_memory_bytes": peak, "peak_memory_kind": "process_rss"}
 
 
 def measure(

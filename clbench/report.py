@@ -247,9 +247,13 @@ def to_run(result: dict[str, Any]) -> Run:
     metrics = {
         k: float(v) for k, v in result["metrics"].items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
+    # keys that only repeat the seed (stream.seed: ${seed}) are the seed, not part of what is compared
+    keys = {
+        k for k in flatten(identity) if not (k.rsplit(".", 1)[-1] == "seed" and fields.get(k) == result.get("seed"))
+    }
     return Run(
         fields=fields,
-        identity_keys=frozenset(flatten(identity)),
+        identity_keys=frozenset(keys),
         seed=result.get("seed"),
         metrics=metrics,
         cost=_cost(result),

@@ -171,6 +171,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     cleanup.enter_context(RunLock(run_dir))
 
+    cost.reset_peak_memory(device)  # this run's peak, not an earlier job's in the same process
     stream = stream.to(device)
     model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes).to(device)
     strategy.setup(model, stream)

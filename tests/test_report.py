@@ -42,7 +42,13 @@ def _result(
     run_dir = folder / "stream_a" / strategy / (run or f"seed{seed}-{scenario}-e{epochs}")
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {
-        "stream": {"name": "stream_a", "scenario": scenario, "num_tasks": len(matrix), "root": str(folder)},
+        "stream": {
+            "name": "stream_a",
+            "scenario": scenario,
+            "num_tasks": len(matrix),
+            "seed": seed,
+            "root": str(folder),
+        },
         "model": {"_target_": "clbench.models.MLP", "hidden": [100, 100]},
         "trainer": {"epochs": epochs, "lr": 0.1, "progress": False},
         "strategy": {"_target_": f"strategies.{strategy}.Cls"},
