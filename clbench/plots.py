@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -214,7 +215,8 @@ def save_matrix_grid(groups: Sequence[tuple[str, Sequence[np.ndarray]]], path: P
         ticks = range(0, mean.shape[0], -(-mean.shape[0] // MAX_TICKS))
         axis.set_xticks(ticks)
         axis.set_yticks(ticks)
-        axis.set_title(f"{label}\n(n = {len(stack)})", fontsize=8)
+        # long group names wrap at the panel's width instead of running into the neighbouring panel
+        axis.set_title(f"{textwrap.fill(label, 44)}\n(n = {len(stack)})", fontsize=8)
         axis.set_xlabel("evaluated on task j")
         axis.set_ylabel("after training task i")
     if image is not None:

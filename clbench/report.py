@@ -146,6 +146,18 @@ class Report:
 
 
 # -- reading ---------------------------------------------------------------------------------------------
+def _job_result(index_path: Path, job: dict[str, Any]) -> Path | None:
+    """Where a sweep job's result file is now: the recorded path (relative ones were relative to the folder the
+    sweep ran in), else the same ``<stream>/<strategy>/<run id>/result.json`` under the results folder that holds
+    the sweep (``<results_dir>/_hydra/sweeps/<time>/index.json``), so a moved or copied results folder still
+    matches. None when neither exists."""
+    recorded = Path(job["result"])
+    candidates = [recorded]
+    if len(index_path.parents) > 3 and len(recorded.parts) >= 4:
+        candidates.append(index_path.parents[3] / Path(*recorded.parts[-4:]))
+    return next((path for path in candidates if path.exists()), None)
+
+
 def _sweep_problems(index_path: Path) -> list[dict[str, str]]:
     """The jobs of a sweep's ``index.json`` that left no completed result: failed, missing, skipped, unreadable,
     or completed but whose result file is gone."""
@@ -159,7 +171,7 @@ def _sweep_problems(index_path: Path) -> list[dict[str, str]]:
         where = " ".join(job.get("overrides", [])) or job.get("job_dir") or f"job {job.get('job_num')}"
         where = f"{index_path.parent.name} job {job.get('job_num', '?')}: {where}"
         if status == "completed":
-            if job.get("result") and not Path(job["result"]).exists():
+            if job.get("result") and _job_result(index_path, job) is None:
                 problems.append({"path": where, "status": "missing", "reason": f"{job['result']} is gone"})
             continue
         reason = job.get("error") or job.get("reason") or "no result.json was written"
@@ -183,9 +195,8 @@ def collect(folders: Sequence[Path]) -> Collection:
                 jobs = json.loads(index.read_text()).get("jobs", [])
             except (OSError, json.JSONDecodeError, AttributeError):
                 continue
-            paths |= {
-                Path(job["result"]).resolve() for job in jobs if job.get("result") and Path(job["result"]).exists()
-            }
+            found_paths = (_job_result(index, job) for job in jobs if job.get("result"))
+            paths |= {path.resolve() for path in found_paths if path is not None}
     for path in sorted(paths):
         try:
             result = json.loads(path.read_text())

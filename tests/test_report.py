@@ -191,6 +191,8 @@ def test_failed_missing_and_skipped_sweep_jobs_are_listed(results, capsys):
     sweep.mkdir(parents=True)
     jobs = [
         {"job_num": 0, "overrides": ["strategy=finetune"], "status": "completed", "result": str(results / "gone.json")},
+        # recorded relative to the folder the sweep ran in: found under the results folder holding the sweep
+        {"job_num": 4, "status": "completed", "result": "elsewhere/stream_a/finetune/seed0-task-e1/result.json"},
         {"job_num": 1, "overrides": ["strategy=ewc"], "status": "failed", "error": "ValueError: lambda"},
         {"job_num": 2, "job_dir": str(sweep / "2"), "status": "missing"},
         {"job_num": 3, "overrides": ["strategy=joint"], "status": "skipped", "reason": "scenario class"},
