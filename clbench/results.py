@@ -17,6 +17,7 @@ import pickle
 import platform
 import subprocess
 import tempfile
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -226,20 +227,42 @@ def source_digest(cls: type) -> dict[str, Any]:
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "digest": digest, "files": files}
 
 
-def provenance(strategy_class: type) -> dict[str, Any]:
+class Provenance:
     """What made a result: clbench's version, the git commit (and dirty flag) of the clbench checkout and of the
-    checkout holding the strategy's module where that is another one, and the strategy's source hash."""
-    from clbench import __version__
+    checkout holding the strategy's module where that is another one, and the strategy's source hash.
 
-    package_dir = Path(__file__).resolve().parent
-    record: dict[str, Any] = {"clbench_version": __version__, "git": git_state(package_dir)}
-    strategy_file = inspect.getsourcefile(strategy_class)
-    if strategy_file is not None:
-        strategy_git = git_state(Path(strategy_file).resolve().parent)
-        if strategy_git and strategy_git != record["git"]:
-            record["strategy_git"] = strategy_git
-    record["strategy_source"] = source_digest(strategy_class)
-    return record
+    The source hash is taken at once (the runner compares it with a completed result's before deciding to rerun);
+    the git calls (~0.1 s, a tenth of a short run) run in a background thread while the run loads its data and
+    model, and :meth:`record` waits for them."""
+
+    def __init__(self, strategy_class: type) -> None:
+        from clbench import __version__
+
+        self.version = __version__
+        self.strategy_source = source_digest(strategy_class)
+        strategy_file = inspect.getsourcefile(strategy_class)
+        package = Path(__file__).resolve().parent
+        folders = [package]
+        if strategy_file is not None and not Path(strategy_file).resolve().is_relative_to(package.parent):
+            folders.append(Path(strategy_file).resolve().parent)  # a user module in another checkout
+        self._git: list[dict[str, Any]] = []
+        self._thread = threading.Thread(target=lambda: self._git.extend(git_state(f) for f in folders), daemon=True)
+        self._thread.start()
+
+    def record(self) -> dict[str, Any]:
+        """The ``provenance`` block of result.json."""
+        self._thread.join(timeout=30)
+        own = self._git[0] if self._git else {}
+        record: dict[str, Any] = {"clbench_version": self.version, "git": own}
+        if len(self._git) > 1 and self._git[1] and self._git[1] != own:
+            record["strategy_git"] = self._git[1]
+        record["strategy_source"] = self.strategy_source
+        return record
+
+
+def provenance(strategy_class: type) -> dict[str, Any]:
+    """:meth:`Provenance.record` of ``strategy_class``, waited for."""
+    return Provenance(strategy_class).record()
 
 
 def recorded_source_digest(result: dict[str, Any]) -> str | None:

@@ -28,13 +28,13 @@ from clbench.loggers.base import Logger, RunInfo
 from clbench.loggers.console import ConsoleLogger
 from clbench.results import (
     SCHEMA,
+    Provenance,
     atomic_torch_save,
     config_digest,
     experiment_identity,
     find_reference_run,
     load_checkpoint,
     package_versions,
-    provenance,
     read_run_result,
     recorded_source_digest,
     write_result,
@@ -155,11 +155,11 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     if resume_mode not in RESUME_MODES:
         raise ConfigError(f"resume={resume_mode} is not one of true, false, keep: use resume=true|false|keep")
     resume = bool(resume_mode)
-    made_by = provenance(type(strategy))
+    made_by = Provenance(type(strategy))  # git state read in the background
     if resume and result_path.exists():
         previous = read_run_result(result_path)
         if previous.get("status") == "completed":
-            recorded, today = recorded_source_digest(previous), made_by["strategy_source"]["digest"]
+            recorded, today = recorded_source_digest(previous), made_by.strategy_source["digest"]
             if recorded in (None, today) or resume_mode == "keep":
                 print(f"clbench: {result_path} is already completed; pass resume=false to run it again")
                 return previous
@@ -251,7 +251,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         "tasks": [{"id": t.id, "name": t.name, "classes": list(t.classes), "num_train": t.num_train} for t in stream],
         "config": config,
         "versions": package_versions(),
-        "provenance": made_by,
+        "provenance": made_by.record(),
         "device": str(device),
         "host": socket.gethostname(),
         "started_at": datetime.now(timezone.utc).isoformat(),

@@ -63,8 +63,22 @@ def test_git_state_commit_and_dirty_flag(tmp_path):
 def test_provenance_names_version_and_strategy_source():
     record = results.provenance(Strategy)
     assert record["clbench_version"] and record["strategy_source"]["class"] == "clbench.strategy.Strategy"
+    assert len(record["git"]["commit"]) == 40 and "strategy_git" not in record  # this checkout, read once
     assert results.recorded_source_digest({"provenance": record}) == record["strategy_source"]["digest"]
     assert results.recorded_source_digest({}) is None
+
+
+def test_a_user_module_in_another_checkout_records_that_checkouts_commit(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True)
+
+    git("init", "-q")
+    module = _user_module(tmp_path, "my_strategy_b", "    strength = 2.0\n")
+    git("add", "my_strategy_b.py")
+    git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "x")
+    record = results.provenance(module.Mine)
+    assert record["strategy_git"] == {"commit": git("rev-parse", "HEAD").stdout.strip(), "dirty": False}
+    assert record["git"]["commit"] != record["strategy_git"]["commit"]
 
 
 def test_a_stale_result_is_rerun_and_resume_keep_keeps_it(run_tiny, tmp_path, capsys):
