@@ -167,3 +167,18 @@ def test_supermask_presets_compose(preset, strategy_name, tmp_path):
     assert instantiate(cfg.strategy).name == strategy_name
     model = instantiate(cfg.model, input_shape=[3, 32, 32], head_sizes=[5, 5])
     assert model(torch.zeros(2, 3, 32, 32), 0).shape == (2, 5)
+
+
+@pytest.mark.parametrize("strategy_name", ["supsup", "exssnet", "wsn"])
+def test_default_protocol_settings_set_up_without_biases(strategy_name, compose_cfg):
+    """The default protocol's MLP has biases, which the masked layers refuse: each strategy's settings for the
+    protocol drop them, so `python -m clbench strategy=<name>` runs as is and records which settings it used."""
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg([f"strategy={strategy_name}", "stream.train_per_task=50"])
+    assert cfg.strategy_settings == f"default/{strategy_name}" and cfg.model.bias is False
+    stream = instantiate(cfg.stream)
+    model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes)
+    strategy = instantiate(cfg.strategy)
+    strategy.setup(model, stream)
+    assert strategy.layers and all(layer.bias is None for layer in strategy.layers)
