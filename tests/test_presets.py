@@ -102,3 +102,12 @@ def test_stream_config_composes(compose_cfg, name):
     config = compose_cfg([f"stream={name}"])
     # results land under the stream's name; the avalanche bridge names the benchmark it wraps
     assert config.stream.name == name or (name == "avalanche" and config.stream.name.startswith("avalanche_"))
+
+
+def test_a_paper_preset_takes_another_strategy(compose_cfg):
+    """`experiment=gpm_pfmnist strategy=finetune` stopped with a TypeError (GPM's threshold reached Finetune)."""
+    config = compose_cfg(["experiment=gpm_pfmnist", "strategy=finetune"])
+    assert config.strategy._target_ == "strategies.finetune.Finetune"
+    assert set(config.strategy) == {"_target_"}
+    assert config.protocol_name == "gpm_pfmnist" and config.strategy_settings is None
+    assert config.trainer.batch_size == 10 and config.stream.num_tasks == 10
