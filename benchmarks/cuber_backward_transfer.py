@@ -87,14 +87,21 @@ def mean_sd(values: list[float], sign: str = "") -> str:
     return f"{statistics.mean(values):{sign}.2f} +- {sd:.2f}"
 
 
-def regime_summary(results: list[dict[str, Any]]) -> list[str]:
-    """CUBER's diagnostics over seeds: pairs per regime, free ranks, accuracy change of regime-3 tasks."""
+def regime_summary(results: list[dict[str, Any]], trgp: list[dict[str, Any]]) -> list[str]:
+    """CUBER's diagnostics over seeds: pairs per regime, free ranks, accuracy change of regime-3 tasks, and
+    the change of the same (task t, old task j) under TRGP with the same seed (a paired comparison)."""
     counts = {1: 0, 2: 0, 3: 0}
     ranks: list[list[int]] = []
     changes: list[float] = []
+    paired: list[float] = []
     per_task: dict[int, list[float]] = {}
+    trgp_acc = {r["seed"]: r["acc_matrix"] for r in trgp}
     for result in results:
+        other = trgp_acc.get(result["seed"])
         for entry in result.get("cuber_regimes", []):
+            t = entry["task"]
+            if other is not None:
+                paired.extend(other[t][c["task"]] - other[t - 1][c["task"]] for c in entry["regime3_accuracy"])
             for row in entry["regimes"]:
                 for regime in row:
                     counts[regime] += 1
@@ -112,6 +119,8 @@ def regime_summary(results: list[dict[str, Any]]) -> list[str]:
         f"- free-subspace rank per projected layer, mean over tasks 1.. and seeds: {mean_ranks}",
         f"- accuracy change of a regime-3 task during the task (R[t][j] - R[t-1][j]): {len(changes)} cases, "
         f"mean {statistics.mean(changes) if changes else float('nan'):+.2f}, {positive} positive",
+        f"- the same (t, j) cases under TRGP, same seeds: {len(paired)} cases, mean "
+        f"{statistics.mean(paired) if paired else float('nan'):+.2f}, {sum(c > 0 for c in paired)} positive",
         "- mean change by task t: "
         + ", ".join(f"t={t}: {statistics.mean(v):+.2f} (n={len(v)})" for t, v in sorted(per_task.items())),
     ]
@@ -175,7 +184,8 @@ def table(found: dict[tuple[str, str], list[dict[str, Any]]], args: argparse.Nam
         lines += ["", *verdict(found, stream)]
         cuber = found.get((stream, "cuber"), [])
         if cuber:
-            lines += ["", "CUBER regime diagnostics (result.json `cuber_regimes`):", "", *regime_summary(cuber)]
+            summary = regime_summary(cuber, found.get((stream, "trgp"), []))
+            lines += ["", "CUBER regime diagnostics (result.json `cuber_regimes`):", "", *summary]
         lines.append("")
     return "\n".join(lines)
 
