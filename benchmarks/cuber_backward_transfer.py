@@ -58,6 +58,7 @@ def overrides(stream: str, strategy: str, seed: int, args: argparse.Namespace) -
         "trainer.progress=false",
         f"strategy={strategy}",
         *STRATEGY_SETTINGS[strategy],
+        *(args.cuber if strategy == "cuber" else []),
         f"seed={seed}",
         "cpu_threads=1",
         "device=cpu",
@@ -164,7 +165,8 @@ def table(found: dict[tuple[str, str], list[dict[str, Any]]], args: argparse.Nam
         f"Rotated Fashion-MNIST steps {STEP_DEGREES:g} degrees per task. ACC and BWT in percent, mean +- sd over "
         "seeds.",
         "",
-        "Made by `python benchmarks/cuber_backward_transfer.py`.",
+        "Made by `python benchmarks/cuber_backward_transfer.py`"
+        + (f" with CUBER overrides `{' '.join(args.cuber)}`." if args.cuber else "."),
         "",
     ]
     for stream in streams:
@@ -198,6 +200,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument(
+        "--cuber", nargs="*", default=[], help="extra overrides for the CUBER runs (ablations: strategy.lam=0)"
+    )
     parser.add_argument("--results-dir", type=Path, default=Path("/tmp/clbench_cuber_bwt"))
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks/results/cuber_backward_transfer.md")
     args = parser.parse_args()
