@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from clbench.report import collect, render, runs_frame, summary_table
+from clbench.report import Options, add_reference_metrics, collect, render, summarize, to_run
 
 OUT = Path(__file__).resolve().parent / "results" / "l2m_pfmnist.md"
 STRATEGIES = {
@@ -81,9 +81,10 @@ def main() -> None:
                 env=env,
                 capture_output=True,
             )
-    frame = runs_frame(collect([root]).completed)
-    frame = frame[frame["strategy"] != "independent"]
-    table = summary_table(frame, ["strategy", "scenario"], ["acc", "bwt", *L2M])
+    runs = [to_run(result) for result in collect([root]).completed]
+    add_reference_metrics(runs)
+    options = Options(by=["strategy", "scenario"], metrics=["acc", "bwt", *L2M])
+    table = summarize([run for run in runs if run.fields["strategy"] != "independent"], options)
     lines = [
         "# L2M metrics on permuted Fashion-MNIST",
         "",

@@ -275,6 +275,16 @@ def to_run(result: dict[str, Any]) -> Run:
     )
 
 
+def runs_frame(results: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per completed result: its label fields, seed, task order and every scalar metric (for scripts
+    that tabulate runs themselves, e.g. ``benchmarks/task_order_robustness.py``)."""
+    rows = []
+    for run in map(to_run, results):
+        row = {key: run.fields.get(key) for key in (*BASE_LABELS, "model", "seed", "stream.order_seed")}
+        rows.append({**row, **run.metrics, "path": run.path})
+    return pd.DataFrame(rows)
+
+
 # -- post-hoc references ---------------------------------------------------------------------------------
 def _reference_key(run: Run) -> tuple:
     """What a reference run must share with a run: the stream (data paths aside), the model and the seed."""

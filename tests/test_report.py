@@ -324,3 +324,9 @@ def test_ibcl_runs_get_a_pareto_front_plot(results, tmp_path):
     assert [p.name for p in written] == ["ibcl_pareto_stream_a_seed0-abc.png"]
     assert written[0].stat().st_size > 10_000
     assert report.write_pareto_plots([{"stream": "s", "metrics": {}}], tmp_path / "none") == []
+
+
+def test_runs_frame_has_one_row_per_run_for_scripts(results):
+    frame = report.runs_frame(report.collect([results]).completed)
+    assert len(frame) == 6 and {"strategy", "seed", "acc", "bwt", "stream.order_seed"} <= set(frame.columns)
+    assert sorted(frame[frame["strategy"] == "gpm"]["acc"]) == GPM_ACC
