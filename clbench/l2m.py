@@ -40,12 +40,22 @@ default ``aggregation_method="mean"``:
   out when ``e_L = 0`` or ``e_S = 0`` (l2metrics: "saturation not achieved", the maximum is the first
   point) or ``sat_S = 0``. ``SE = mean_j SE_j``; its two factors are reported as well.
 
-What clbench does not replicate from l2metrics' pre-processing: the per-task min-max normalisation to
-[1, 101] (``normalization_method="task"``) and the flat smoothing of training curves before the metrics
-(``smoothing_method="flat"``). R is already on one 0-100 scale for every task, and a normalisation by the
-run's own data range would make numbers incomparable across strategies; the values here are those
-l2metrics gives with ``normalization_method="none"``, ``smoothing_method="none"``. Per-epoch curves are
-shorter than 15 points, where l2metrics' smoothing is the identity anyway.
+Pre-processing, as l2metrics' ``MetricsReport`` does it before any metric (both on by default, as there):
+
+1. Smoothing (``smoothing="flat"``, l2metrics' ``smoothing_method="flat"``): every training curve, the
+   learner's and the STE's, goes through :func:`smooth`; evaluation values are not smoothed
+   (``do_smooth_eval_data=False``). Curves shorter than 15 points are unchanged by it.
+2. Per-task normalisation (``normalization="task"``, l2metrics' ``normalization_method="task"``, scale
+   100, offset 1): every value of task j - its column of R, ``b_j``, its (smoothed) training curve and the
+   STE's - becomes ``(x - min_j) / (max_j - min_j) * 100 + 1``, with min_j / max_j over those values
+   (l2metrics' data range: the task's log data and its STE training data); a task whose values are all
+   equal becomes 1 everywhere. The ratio metrics (transfer ratios, relative performance, sample
+   efficiency) then match what l2metrics prints; the offset keeps their denominators away from 0.
+
+``normalization="none"`` / ``smoothing="none"`` give the metrics on clbench's raw 0-100 accuracies. The
+normalisation divides by each run's own data range, so a strategy's ratio metrics are not comparable
+with another run's on the same absolute scale; the raw form is kept for that. ``relative_final_performance``
+(a clbench addition) is always computed on raw accuracies: a*_j is no part of l2metrics' data range.
 
 How these differ from clbench's own metrics (``clbench/metrics.py``): BWT there is
 ``mean_j (R[T-1][j] - R[j][j])``, a difference between the last evaluation and the one right after
@@ -71,6 +81,11 @@ ArrayLike = np.ndarray | Sequence[Sequence[float]]
 
 SATURATION_FLOOR = 0.2
 """l2metrics sets sample efficiency to 0 when the learner saturates below this fraction of the STE."""
+NORMALIZATIONS = ("task", "none")
+SMOOTHINGS = ("flat", "none")
+NORMALIZED_SCALE = 100.0
+NORMALIZED_OFFSET = 1.0
+"""l2metrics' Normalizer defaults: a task's range maps onto [offset, offset + scale] = [1, 101]."""
 
 
 @dataclass(frozen=True)
@@ -307,6 +322,81 @@ def sample_efficiency(curves: Sequence[CurveLike], ste_curves: Sequence[CurveLik
     return _mean_or_none([s.sample_efficiency for s in sample_efficiency_per_task(curves, ste_curves) if s])
 
 
+# -- pre-processing ----------------------------------------------------------------------------------
+
+
+def smooth_curves(curves: Sequence[CurveLike]) -> list[LearningCurve]:
+    """Every curve through l2metrics' flat :func:`smooth` (its ``smoothing_method="flat"``)."""
+    return [LearningCurve(smooth(_curve_values(c)).tolist(), c.samples_per_point) for c in map(_curve, curves)]
+
+
+@dataclass(frozen=True)
+class L2MData:
+    """What the metrics read: R, the random-init row b, and the learner's / the STE's training curves."""
+
+    acc_matrix: np.ndarray
+    random_init_acc: np.ndarray
+    curves: list[LearningCurve] | None
+    ste_curves: list[LearningCurve] | None
+
+
+def normalize_per_task(data: L2MData) -> L2MData:
+    """l2metrics' ``Normalizer(method="task", scale=100, offset=1)``: task j's values (column j of R, b_j,
+    curve j and STE curve j) mapped from their own [min_j, max_j] onto [1, 101]; a constant task onto 1."""
+    matrix, first = data.acc_matrix.copy(), data.random_init_acc.copy()
+    curves = [list(_curve_values(c)) for c in data.curves] if data.curves is not None else None
+    ste = [list(_curve_values(c)) for c in data.ste_curves] if data.ste_curves is not None else None
+    for j in range(matrix.shape[1]):
+        values = [*matrix[:, j], first[j], *(curves[j] if curves else []), *(ste[j] if ste else [])]
+        values = [v for v in values if np.isfinite(v)]
+        low, high = min(values), max(values)
+
+        def scaled(x: np.ndarray, low: float = low, high: float = high) -> np.ndarray:
+            x = np.asarray(x, dtype=np.float64)
+            if high == low:
+                return np.zeros_like(x) + NORMALIZED_OFFSET
+            return (x - low) / (high - low) * NORMALIZED_SCALE + NORMALIZED_OFFSET
+
+        matrix[:, j], first[j] = scaled(matrix[:, j]), scaled(np.asarray([first[j]]))[0]
+        if curves:
+            curves[j] = scaled(curves[j]).tolist()
+        if ste:
+            ste[j] = scaled(ste[j]).tolist()
+
+    def rebuilt(values: list[list[float]] | None, like: list[LearningCurve] | None) -> list[LearningCurve] | None:
+        if values is None or like is None:
+            return None
+        return [LearningCurve(v, c.samples_per_point) for v, c in zip(values, like, strict=True)]
+
+    return L2MData(matrix, first, rebuilt(curves, data.curves), rebuilt(ste, data.ste_curves))
+
+
+def preprocess(
+    acc_matrix: ArrayLike,
+    random_init_acc: Sequence[float],
+    curves: Sequence[CurveLike] | None = None,
+    ste_curves: Sequence[CurveLike] | None = None,
+    normalization: str = "task",
+    smoothing: str = "flat",
+) -> L2MData:
+    """Smoothing, then per-task normalisation, in l2metrics' order (see the module docstring)."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"l2m normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
+    if smoothing not in SMOOTHINGS:
+        raise ValueError(f"l2m smoothing must be one of {', '.join(SMOOTHINGS)}, got {smoothing!r}")
+    matrix = _square(acc_matrix)
+    first = np.asarray(random_init_acc, dtype=np.float64)
+    if first.shape != (matrix.shape[0],):
+        raise ValueError(f"random_init_acc must have {matrix.shape[0]} entries, got shape {first.shape}")
+    learner = None if curves is None else [_curve(c) for c in curves]
+    expert = None if ste_curves is None else [_curve(c) for c in ste_curves]
+    if smoothing == "flat":
+        learner = None if learner is None else smooth_curves(learner)
+        expert = None if expert is None else smooth_curves(expert)
+    data = L2MData(matrix, first, learner, expert)
+    return normalize_per_task(data) if normalization == "task" else data
+
+
 # -- summary -----------------------------------------------------------------------------------------
 
 
@@ -316,13 +406,24 @@ def summarize_l2m(
     ste_acc: Sequence[float] | None = None,
     curves: Sequence[CurveLike] | None = None,
     ste_curves: Sequence[CurveLike] | None = None,
+    normalization: str = "task",
+    smoothing: str = "flat",
 ) -> dict[str, float]:
     """Every L2M scalar computable from what is given, keys prefixed ``l2m_``; undefined ones are omitted.
 
     ``curves[j]`` / ``ste_curves[j]`` are the lifelong learner's and the single-task expert's training
     curves on task j (percent); ``ste_acc[j]`` is a*_j, the expert's test accuracy (the ``independent``
-    strategy's diagonal).
+    strategy's diagonal). ``normalization`` / ``smoothing``: l2metrics' pre-processing, on by default as
+    there (``"none"`` for raw accuracies; see the module docstring).
     """
+    if curves is not None and len(curves) != len(acc_matrix):
+        raise ValueError(f"need one learning curve per task: got {len(curves)} for {len(acc_matrix)} tasks")
+    if ste_curves is not None and len(ste_curves) != len(acc_matrix):
+        raise ValueError(f"need one STE curve per task: got {len(ste_curves)} for {len(acc_matrix)} tasks")
+    raw_matrix = acc_matrix
+    data = preprocess(acc_matrix, random_init_acc, curves, ste_curves, normalization, smoothing)
+    acc_matrix, random_init_acc = data.acc_matrix, data.random_init_acc.tolist()
+    curves, ste_curves = data.curves, data.ste_curves
     candidates: dict[str, float | None] = {
         "l2m_performance_maintenance": performance_maintenance(acc_matrix),
         "l2m_forward_transfer_ratio": forward_transfer_ratio(acc_matrix, random_init_acc),
@@ -331,11 +432,8 @@ def summarize_l2m(
         "l2m_backward_transfer_contrast": backward_transfer_contrast(acc_matrix),
     }
     if ste_acc is not None:
-        candidates["l2m_relative_final_performance"] = relative_final_performance(acc_matrix, ste_acc)
+        candidates["l2m_relative_final_performance"] = relative_final_performance(raw_matrix, ste_acc)
     if curves is not None and ste_curves is not None:
-        num_tasks = len(acc_matrix)
-        if len(curves) != num_tasks:
-            raise ValueError(f"need one learning curve per task: got {len(curves)} for {num_tasks} tasks")
         candidates["l2m_relative_performance"] = relative_performance(curves, ste_curves)
         per_task = [s for s in sample_efficiency_per_task(curves, ste_curves) if s is not None]
         candidates["l2m_sample_efficiency"] = _mean_or_none([s.sample_efficiency for s in per_task])

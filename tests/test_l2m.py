@@ -15,6 +15,7 @@ R = [
     [40.0, 45.0, 50.0],
 ]
 B = [10.0, 10.0, 5.0]
+RAW = {"normalization": "none", "smoothing": "none"}  # the formulas on raw accuracies (l2metrics' pre-processing off)
 
 
 def test_performance_maintenance_averages_every_later_evaluation():
@@ -63,7 +64,7 @@ def test_zero_denominators_drop_the_pair_and_an_empty_metric_is_omitted():
     only_zero_before = [[50.0, 0.0], [50.0, 70.0]]
     # the single forward pair (0,1) has before = b_1 = 0: no ratio, contrast (0 - 0) / 0 also undefined
     assert l2m.forward_transfer_ratio(only_zero_before, [0.0, 0.0]) is None
-    summary = l2m.summarize_l2m(only_zero_before, [0.0, 0.0])
+    summary = l2m.summarize_l2m(only_zero_before, [0.0, 0.0], **RAW)
     assert "l2m_forward_transfer_ratio" not in summary and "l2m_forward_transfer_contrast" not in summary
     assert summary["l2m_backward_transfer_ratio"] == pytest.approx(1.0)  # (1,0): 50 -> 50
 
@@ -155,7 +156,7 @@ def test_summary_keys_follow_the_inputs_given():
     with_ste = l2m.summarize_l2m(R, B, ste_acc=[100.0, 90.0, 100.0])
     assert set(with_ste) == base | {"l2m_relative_final_performance"}
     curves = [LEARNER, LEARNER, [90.0, 80.0, 85.0]]
-    full = l2m.summarize_l2m(R, B, curves=curves, ste_curves=[EXPERT] * 3)
+    full = l2m.summarize_l2m(R, B, curves=curves, ste_curves=[EXPERT] * 3, **RAW)
     assert full["l2m_sample_efficiency"] == pytest.approx(2.0)  # task 2 left out
     assert full["l2m_sample_efficiency_saturation"] == pytest.approx(1.0)
     assert full["l2m_sample_efficiency_experience"] == pytest.approx(2.0)
@@ -164,3 +165,41 @@ def test_summary_keys_follow_the_inputs_given():
     assert all(key.startswith("l2m_") for key in full)
     with pytest.raises(ValueError, match="one learning curve per task"):
         l2m.summarize_l2m(R, B, curves=[LEARNER], ste_curves=[EXPERT])
+
+
+def test_summary_normalizes_each_task_to_1_101_by_default_as_l2metrics():
+    # task 0's values: column (80, 60, 40) and b 10 -> range [10, 80]; task 1: (20, 90, 45), 10 -> [10, 90];
+    # task 2: (10, 40, 50), 5 -> [5, 50]. x -> (x - min) / (max - min) * 100 + 1
+    normalized = l2m.preprocess(R, B)
+    scale = lambda x, low, high: (x - low) / (high - low) * 100 + 1  # noqa: E731
+    expected = np.array(
+        [[scale(r[0], 10, 80), scale(r[1], 10, 90), scale(r[2], 5, 50)] for r in R],
+    )
+    np.testing.assert_allclose(normalized.acc_matrix, expected)
+    np.testing.assert_allclose(normalized.random_init_acc, [1.0, 1.0, 1.0])
+    summary = l2m.summarize_l2m(R, B)
+    # backward ratio pairs (1,0), (2,0), (2,1) on the normalised values, not the raw 60/80, 40/60, 45/90
+    pairs = [expected[1, 0] / expected[0, 0], expected[2, 0] / expected[1, 0], expected[2, 1] / expected[1, 1]]
+    assert summary["l2m_backward_transfer_ratio"] == pytest.approx(np.mean(pairs))
+    assert summary["l2m_backward_transfer_ratio"] != pytest.approx(l2m.backward_transfer_ratio(R))
+    # a zero b no longer drops the forward pair: the offset keeps every denominator >= 1
+    assert "l2m_forward_transfer_ratio" in l2m.summarize_l2m([[50.0, 0.0], [50.0, 70.0]], [0.0, 0.0])
+
+
+def test_task_range_includes_the_training_curves_and_a_constant_task_maps_to_1():
+    curves = [[0.0, 100.0], [30.0, 30.0]]
+    data = l2m.preprocess([[50.0, 30.0], [50.0, 30.0]], [50.0, 30.0], curves=curves, smoothing="none")
+    np.testing.assert_allclose(data.acc_matrix, [[51.0, 1.0], [51.0, 1.0]])  # task 0 range [0, 100] from its curve
+    np.testing.assert_allclose(data.curves[0].values, [1.0, 101.0])
+    np.testing.assert_allclose(data.curves[1].values, [1.0, 1.0])
+
+
+def test_training_curves_are_smoothed_before_normalising_and_evaluations_are_not():
+    long_curve = [float(v) for v in np.linspace(0.0, 100.0, 20)]
+    long_curve[10] = 0.0  # a dip the flat window averages away
+    data = l2m.preprocess([[50.0]], [10.0], curves=[long_curve], normalization="none")
+    np.testing.assert_allclose(data.curves[0].values, l2m.smooth(long_curve))
+    assert data.curves[0].values[10] > 20.0
+    assert data.acc_matrix[0, 0] == 50.0
+    with pytest.raises(ValueError, match="normalization"):
+        l2m.preprocess([[50.0]], [10.0], normalization="run")
