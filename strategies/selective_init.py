@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clbench.models import ContinualModel
-from clbench.strategy import Strategy
+from clbench.strategy import Strategy, UnsupportedScenarioError
 from clbench.streams import Stream, Task
 from clbench.trainer import Trainer
 
 MODES = ("zero_shot", "few_step")
 SCORERS = ("auto", "head", "ncm")
 SELECTORS = ("predictor", "best")
-EVALUATIONS = ("auto", "own", "final")
+EVALUATIONS = ("own", "final")
 INITIAL = -1
 """Candidate id of the model as set up, before any training (the checkpoints of tasks are 0, 1, ...)."""
 
@@ -60,12 +60,13 @@ class SelectiveInit(Strategy):
     base model and both rules take the best checkpoint.
 
     Evaluation (``evaluate``). The paper's learner keeps one model per task, the checkpoint fine-tuned on it,
-    and answers each task with its own model (``own``): forgetting is nil by construction, and the method is
-    about forward transfer. That needs the task id at test time: in the task scenario it is given
-    (``auto`` = ``own`` there); in the domain and class scenarios ``own`` reads it as an oracle, recorded as
-    ``uses_task_oracle``, so ``auto`` = ``final`` there: the last model answers every task, and a fallback
-    to the base model forgets every earlier task (below fine-tuning by design). Tasks not learned yet are
-    answered by the current model.
+    and answers each task with its own model (``own``, the default): forgetting is nil by construction, and
+    the method is about forward transfer. That needs the task id at test time: the task scenario gives it;
+    in the domain and class scenarios ``own`` is refused as an unsupported scenario unless ``task_oracle``
+    lets it read the id (recorded as ``uses_task_oracle``). ``final``: the last model answers every task in
+    any scenario; a fallback to the base model then forgets every earlier task, by design far below
+    fine-tuning (default protocol: ACC 71.0 % domain, 18.1 % class, against 86.4 % and 69.9 %). Tasks not
+    learned yet are answered by the current model.
 
     ``mode=zero_shot`` scores a candidate as it is; ``mode=few_step`` first trains a copy of it for
     ``few_steps`` steps (the trainer's optimizer, lr and batch size, plain cross-entropy) on the support
@@ -102,7 +103,8 @@ class SelectiveInit(Strategy):
         selector: str = "predictor",
         predictor_weight: float = 10.0,
         predictor_bias: float = 0.0,
-        evaluate: str = "auto",
+        evaluate: str = "own",
+        task_oracle: bool = False,
     ) -> None:
         super().__init__()
         if selector not in SELECTORS:
@@ -128,6 +130,7 @@ class SelectiveInit(Strategy):
         self.predictor_weight = predictor_weight
         self.predictor_bias = predictor_bias
         self.evaluate = evaluate
+        self.task_oracle = task_oracle
         self.own_models = False
         self.eval_model: ContinualModel | None = None
         self._eval_loaded: int | None = None
@@ -145,7 +148,13 @@ class SelectiveInit(Strategy):
             )
         if self.include_initial:
             self.checkpoints[INITIAL] = self.snapshot()
-        self.own_models = self.evaluate == "own" or (self.evaluate == "auto" and stream.scenario == "task")
+        self.own_models = self.evaluate == "own"
+        if self.own_models and stream.scenario != "task" and not self.task_oracle:
+            raise UnsupportedScenarioError(
+                f"strategy 'selective_init' answers each task with its own checkpoint, which needs the task id the "
+                f"{stream.scenario} scenario hides: use stream.scenario=task, strategy.evaluate=final (the last model "
+                "answers every task) or strategy.task_oracle=true (reads the task id, recorded)"
+            )
         # Reading each task's own model needs the task id: an oracle outside the task scenario (recorded).
         self.uses_task_oracle = self.own_models and stream.scenario != "task"  # type: ignore[misc]
         self.eval_model = copy.deepcopy(model) if self.own_models else None

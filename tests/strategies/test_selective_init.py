@@ -13,6 +13,7 @@ import torch
 
 from clbench.data import load_synthetic
 from clbench.models import MLP
+from clbench.strategy import UnsupportedScenarioError
 from clbench.streams import Stream, split_stream
 from clbench.trainer import Trainer
 from strategies.selective_init import INITIAL, SelectiveInit, nearest_class_mean_accuracy, transfer_probability
@@ -67,7 +68,9 @@ def test_nearest_class_mean_by_hand():
 @pytest.mark.parametrize("mode", ["zero_shot", "few_step"])
 def test_repeated_task_starts_from_its_own_checkpoint(mode):
     stream = repeat_stream("domain", flip_task_1=True)
-    strategy, _ = trained_on_first_two(SelectiveInit(mode=mode, few_steps=2, score_samples=40), stream)
+    strategy, _ = trained_on_first_two(
+        SelectiveInit(mode=mode, few_steps=2, score_samples=40, evaluate="final"), stream
+    )
     # task 1 (labels swapped) is scored worst by the task-0 checkpoint, which is wrong on every sample it
     # learned: the untrained model (about 50 %) wins over it
     assert strategy.chosen[:2] == [INITIAL, INITIAL]
@@ -100,7 +103,7 @@ def test_task_scenario_scores_the_body_and_keeps_the_heads():
 @pytest.mark.parametrize(("selector", "expected"), [("predictor", INITIAL), ("best", 1)])
 def test_ties_go_to_the_base_model_or_with_best_to_the_most_recent(selector, expected):
     stream = repeat_stream("domain", flip_task_1=False)
-    strategy = SelectiveInit(score_samples=20, selector=selector)
+    strategy = SelectiveInit(score_samples=20, selector=selector, evaluate="final")
     strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[8]), stream)
     for task in stream.tasks[:2]:
         strategy.after_task(task)  # untrained: every candidate is the same model
@@ -146,13 +149,17 @@ def test_task_scenario_answers_each_task_with_its_own_checkpoint():
         assert strategy.predict(x, 2).abs().sum() == 0  # task 2 read from its own (zeroed) checkpoint
 
 
-@pytest.mark.parametrize(("scenario", "evaluate", "oracle"), [("domain", "auto", False), ("domain", "own", True)])
-def test_own_models_outside_the_task_scenario_are_an_oracle_and_recorded(scenario, evaluate, oracle):
+@pytest.mark.parametrize("scenario", ["domain", "class"])
+def test_own_models_outside_the_task_scenario_need_the_oracle_which_is_recorded(scenario):
     stream = repeat_stream(scenario, flip_task_1=False)
-    strategy = SelectiveInit(evaluate=evaluate)
-    strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[8]), stream)
-    assert strategy.uses_task_oracle is oracle
-    assert strategy.extra_results()["selective_init"]["evaluate"] == ("own" if oracle else "final")
+    with pytest.raises(UnsupportedScenarioError, match=r"strategy\.evaluate=final") as error:
+        SelectiveInit().setup(MLP(stream.input_shape, stream.head_sizes, hidden=[8]), stream)
+    assert "\n" not in str(error.value)
+    for kwargs, oracle in (({"task_oracle": True}, True), ({"evaluate": "final"}, False)):
+        strategy = SelectiveInit(**kwargs)
+        strategy.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[8]), stream)
+        assert strategy.uses_task_oracle is oracle
+        assert strategy.extra_results()["selective_init"]["evaluate"] == ("own" if oracle else "final")
 
 
 def test_head_scorer_is_refused_where_the_new_head_is_untrained():
@@ -165,12 +172,12 @@ def test_head_scorer_is_refused_where_the_new_head_is_untrained():
 
 def test_state_round_trip_restores_checkpoints_and_choices():
     stream = repeat_stream("domain", flip_task_1=True)
-    strategy, _ = trained_on_first_two(SelectiveInit(score_samples=40), stream)
+    strategy, _ = trained_on_first_two(SelectiveInit(score_samples=40, evaluate="final"), stream)
     buffer = io.BytesIO()
     torch.save(strategy.state_dict(), buffer)
     buffer.seek(0)
     torch.manual_seed(1)
-    restored = SelectiveInit(score_samples=40)
+    restored = SelectiveInit(score_samples=40, evaluate="final")
     restored.setup(MLP(stream.input_shape, stream.head_sizes, hidden=[32]), stream)
     restored.load_state_dict(torch.load(buffer, weights_only=False))
     assert restored.chosen == strategy.chosen and restored.scores == strategy.scores
@@ -185,7 +192,10 @@ def test_state_round_trip_restores_checkpoints_and_choices():
     assert restored.scores[-1] == strategy.scores[-1]
 
 
-@pytest.mark.parametrize("extra", [[], ["strategy.mode=few_step", "strategy.few_steps=2", "stream.scenario=domain"]])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["strategy.mode=few_step", "strategy.few_steps=2", "stream.scenario=domain", "strategy.evaluate=final"]],
+)
 def test_end_to_end_logs_a_choice_per_task(run_tiny, tmp_path, extra):
     result = run_tiny(
         [
