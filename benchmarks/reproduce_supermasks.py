@@ -50,6 +50,9 @@ STREAMS = {
 SEEDS = (0, 1, 2)
 DENSITY = "strategy.density=0.05"
 WEIGHT_TRAINED_LR = ["trainer.lr=0.001"]  # WSN and PackNet train dense-init weights: Adam at WSN's 1e-3
+# These runs are on the default protocol with another stream, so conf/settings/default/<strategy>.yaml applies;
+# the settings it would change are pinned to the values this table states (the strategies' general defaults).
+PINNED = {"exssnet": ["strategy.weight_lr=null"], "wsn": ["strategy.density=0.5"], "supsup": [], "packnet": []}
 
 
 def jobs() -> list[tuple[str, list[str]]]:
@@ -58,15 +61,15 @@ def jobs() -> list[tuple[str, list[str]]]:
     for stream, stream_args in STREAMS.items():
         for seed in SEEDS:
             for strategy in ("supsup", "exssnet"):
-                runs.append(
-                    (f"{strategy}|{stream}|{seed}", [f"strategy={strategy}", DENSITY, *stream_args, f"seed={seed}"])
-                )
+                overrides = [f"strategy={strategy}", DENSITY, *PINNED[strategy], *stream_args, f"seed={seed}"]
+                runs.append((f"{strategy}|{stream}|{seed}", overrides))
             runs.append(
                 (
                     f"exssnet_kkt_off|{stream}|{seed}",
                     [
                         "strategy=exssnet",
                         DENSITY,
+                        *PINNED["exssnet"],
                         "strategy.knn=off",
                         *stream_args,
                         f"seed={seed}",
@@ -76,7 +79,10 @@ def jobs() -> list[tuple[str, list[str]]]:
             )
         for strategy in ("wsn", "packnet"):
             runs.append(
-                (f"{strategy}|{stream}|0", [f"strategy={strategy}", *stream_args, "seed=0", *WEIGHT_TRAINED_LR])
+                (
+                    f"{strategy}|{stream}|0",
+                    [f"strategy={strategy}", *PINNED[strategy], *stream_args, "seed=0", *WEIGHT_TRAINED_LR],
+                )
             )
     for inference in ("oneshot", "binary"):
         runs.append(
