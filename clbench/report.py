@@ -698,7 +698,9 @@ def write_plots(report: Report, folder: Path) -> list[Path]:
     from clbench.plots import save_bwt_fwt, save_curves, save_matrix_grid
 
     folder.mkdir(parents=True, exist_ok=True)
-    names = [_describe(group[0], report.labels) for group in report.groups]
+    # name groups by the labels that differ between them (what all share would only lengthen every legend entry)
+    varying = [k for k in report.labels if len({str(g[0].fields.get(k)) for g in report.groups}) > 1]
+    names = [_describe(group[0], varying or report.labels[-1:]) for group in report.groups]
     matrices = [[np.asarray(run.result["acc_matrix"], dtype=np.float64) for run in group] for group in report.groups]
     square = [
         (name, [m for m in ms if m.shape == ms[0].shape])
