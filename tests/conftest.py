@@ -52,3 +52,30 @@ def compose_cfg():
         return compose_config(overrides, results_dir)
 
     return _compose
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_block(starts_with: str) -> str:
+    """The README code block whose first line is ``starts_with``, verbatim (tests run what the README shows)."""
+    blocks = README.read_text().split("```")
+    for block in blocks[1::2]:
+        body = block.split("\n", 1)[1]
+        if body.startswith(starts_with):
+            return body
+    raise AssertionError(f"README has no code block starting with {starts_with!r}")
+
+
+@pytest.fixture
+def readme_strategy(tmp_path) -> Path:
+    """A folder holding the README's own strategy example as a user writes it: ``my_package/l2.py`` and
+    ``conf/strategy/l2_prev.yaml``, both copied from the README. Run clbench with this folder as the current
+    one (``./conf`` is found without ``--config-dir``, ``my_package`` on the Python path)."""
+    folder = tmp_path / "user"
+    (folder / "my_package").mkdir(parents=True)
+    (folder / "my_package" / "__init__.py").write_text("")
+    (folder / "my_package" / "l2.py").write_text(readme_block("# my_package/l2.py"))
+    (folder / "conf" / "strategy").mkdir(parents=True)
+    (folder / "conf" / "strategy" / "l2_prev.yaml").write_text(readme_block("# conf/strategy/l2_prev.yaml"))
+    return folder

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -67,15 +68,28 @@ BAD_INPUTS = [
     (["stream=nope"], "unknown stream 'nope': known stream configs are"),
     (["model=vgg"], "unknown model 'vgg': known model configs are"),
     (["stream=split_digits", "stream.num_tasks=6"], "lower stream.num_tasks or stream.classes_per_task"),
-    (["trainer.lr=-0.1"], "trainer.lr must be positive"),
+    (["trainer.lr=-0.1"], "trainer.lr must be > 0, got -0.1"),
     (["trainer.optimizer=lion"], "unknown trainer.optimizer 'lion'"),
     (["stream=split_cifar100", "stream.root=/nonexistent"], "stream.download=true"),
     (["stream=split_digits", "stream.scenario=instance"], "unknown stream.scenario 'instance'"),
-    (["stream=split_digits", "stream.val_fraction=1.5"], "stream.val_fraction must be in [0, 1)"),
+    (["stream=split_digits", "stream.val_fraction=1.5"], "stream.val_fraction must be >= 0 and < 1"),
     (["device=tpu"], "unknown device 'tpu'"),
     (["strategy=supsup", "stream=split_digits", "stream.scenario=class"], "pick a stream with stream.scenario=task"),
     (["strategy=supsup", "stream=split_digits", "strategy.density=1.5"], "strategy.density must be in (0, 1]"),
     (["stream=split_digits", "trainer.lr=1e30"], "training loss became nan in task 0"),
+    # issue 25: misspelled keys name the nearest valid one
+    (["trainer.epoch=1"], "unknown key trainer.epoch: did you mean trainer.epochs?"),
+    (["+trainer.epoch=1"], "unknown key trainer.epoch: did you mean trainer.epochs?"),
+    (["foo=1"], "unknown key foo"),
+    # wrong types and ranges, all before the first step
+    (["trainer.epochs=abc"], "trainer.epochs must be an integer, got 'abc'"),
+    (["seed=1.5"], "seed must be an integer, got 1.5"),
+    (["trainer.batch_size=1.5"], "trainer.batch_size must be an integer, got 1.5"),
+    (["strategy=ewc", "strategy.ewc_lambda=big"], "strategy.ewc_lambda must be a number, got 'big'"),
+    (["stream.train_per_task=0"], "stream.train_per_task must be >= 1, got 0"),
+    (["stream.num_tasks=0"], "stream.num_tasks must be >= 1, got 0"),
+    (["stream.num_tasks=-2"], "stream.num_tasks must be >= 1, got -2"),
+    (["strategy=ewc", "+strategy.ewc_lamda=1"], "did you mean strategy.ewc_lambda?"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["device=cuda"], "no CUDA device is available here: use device=cpu"))
@@ -122,3 +136,191 @@ def test_nan_run_keeps_finished_tasks(run_tiny, tmp_path, monkeypatch):
     result = json.loads(next(Path(tmp_path).glob("split_digits/finetune/*/result.json")).read_text())
     assert result["status"] == "failed" and "NonFiniteLossError" in result["error"]
     assert result["tasks_completed"] == 2 and len(result["acc_matrix"]) == 2
+
+
+def _clbench(args: list[str], cwd: Path, **popen: object) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in _env().items() if k != "HYDRA_FULL_ERROR"}
+    env["PYTHONPATH"] = os.pathsep.join([str(cwd), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "clbench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def _one_error_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("clbench: error: ") and "Traceback" not in done.stderr, lines
+    return lines[0]
+
+
+QUIET = ["logger=none", "trainer.progress=false", "verbose=false", "stream=split_digits", "trainer.epochs=1"]
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file", "unwritable", "empty"])
+def test_bad_results_dir_is_one_line_and_makes_nothing(tmp_path, kind):
+    """A results_dir that is a file, unwritable or empty stops before Hydra makes its folders (``''`` used to
+    write into the current folder and ``/_hydra`` at the filesystem root)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    value = {"file": a_file, "under_a_file": a_file / "x", "unwritable": "/proc/clbench-results", "empty": ""}[kind]
+    work = tmp_path / "work"
+    work.mkdir()
+    line = _one_error_line(_clbench([*QUIET, f"results_dir={value}"], work))
+    assert "results_dir" in line and "set results_dir" in line
+    assert list(work.iterdir()) == []  # no outputs/, _hydra/ or results in the current folder
+
+
+def _run_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "split_digits" / "finetune" / "fixed"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def test_corrupt_result_json_names_the_file_and_resume_false(tmp_path):
+    folder = _run_folder(tmp_path)
+    (folder / "result.json").write_text('{"status": "runn\x01ing"')
+    line = _one_error_line(_clbench([*QUIET, "run_id=fixed", f"results_dir={tmp_path}"], tmp_path))
+    assert str(folder / "result.json") in line and "resume=false" in line
+
+
+def test_corrupt_checkpoint_names_the_file_and_resume_false_starts_afresh(tmp_path, run_tiny):
+    folder = _run_folder(tmp_path)
+    (folder / "result.json").write_text('{"status": "running"}')
+    (folder / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
+    line = _one_error_line(_clbench([*QUIET, "run_id=fixed", f"results_dir={tmp_path}"], tmp_path))
+    assert str(folder / "checkpoint.pt") in line and "resume=false" in line
+    result = run_tiny(["stream=split_digits", "run_id=fixed", "resume=false"], tmp_path)
+    assert result["status"] == "completed"
+
+
+def test_files_keep_the_users_umask(run_tiny, tmp_path):
+    """result.json and checkpoint.pt were 0600 whatever the umask (mkstemp's mode)."""
+    previous = os.umask(0o027)
+    try:
+        result = run_tiny(["stream=split_digits", "plots=false"], tmp_path)
+    finally:
+        os.umask(previous)
+    for key in ("result", "checkpoint"):
+        assert stat.S_IMODE(os.stat(result["paths"][key]).st_mode) == 0o640, key
+
+
+def test_one_task_has_no_bwt_fwt_or_forgetting(run_tiny, tmp_path):
+    from clbench.loggers.console import format_summary
+
+    result = run_tiny(["stream=split_digits", "stream.num_tasks=1"], tmp_path)
+    stored = json.loads(Path(result["paths"]["result"]).read_text())["metrics"]
+    assert stored["acc"] > 0 and stored["bwt"] is None and stored["fwt"] is None and stored["forgetting"] is None
+    summary = format_summary(result["metrics"])
+    assert "BWT n/a" in summary and "FWT n/a" in summary and "forgetting n/a" in summary and "0.00" not in summary
+
+
+def test_extra_results_clash_is_caught_before_training(run_tiny, tmp_path, monkeypatch):
+    from clbench.runner import ConfigError
+    from strategies.finetune import Finetune
+
+    fitted: list[int] = []
+    monkeypatch.setattr(Finetune, "extra_results", lambda self: {"metrics": {}, "mine": 1})
+    monkeypatch.setattr(Finetune, "fit_task", lambda self, task, trainer: fitted.append(task.id))
+    with pytest.raises(ConfigError, match=r"extra_results keys \['metrics'\] clash.*rename them"):
+        run_tiny(["stream=split_digits"], tmp_path)
+    assert fitted == []
+
+
+def _interrupt_after_first_checkpoint(monkeypatch) -> None:
+    """Ctrl-C right after task 0's checkpoint is on disk (deterministic, unlike a timed signal)."""
+    from clbench import runner
+
+    save = runner.atomic_torch_save
+
+    def save_then_interrupt(obj, path):
+        save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "atomic_torch_save", save_then_interrupt)
+
+
+def test_resumed_run_continues_the_same_wandb_run(run_tiny, tmp_path, monkeypatch):
+    """Each offline W&B run of a resumed run carries the run id kept in the checkpoint, so `wandb sync`
+    uploads one run instead of one per attempt."""
+    from clbench.runner import RunInterrupted
+
+    overrides = ["stream=split_digits", "stream.num_tasks=3", "logger=wandb", "logger.mode=offline"]
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_checkpoint(patch)
+        with pytest.raises(RunInterrupted, match="interrupted during task 0; rerun the same command to resume"):
+            run_tiny(overrides, tmp_path)
+    result = run_tiny(overrides, tmp_path)
+    assert result["status"] == "completed"
+    offline = sorted((Path(result["paths"]["run_dir"]) / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and len({path.name.rsplit("-", 1)[1] for path in offline}) == 1
+
+
+def test_an_interrupted_logger_finish_never_leaves_the_result_completed(run_tiny, tmp_path, monkeypatch):
+    from clbench.loggers.base import Logger
+
+    def interrupted_finish(self, result):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Logger, "finish", interrupted_finish)
+        with pytest.raises(KeyboardInterrupt):
+            run_tiny(["stream=split_digits"], tmp_path)
+    (path,) = tmp_path.glob("split_digits/finetune/*/result.json")
+    assert json.loads(path.read_text())["status"] == "running"
+    assert run_tiny(["stream=split_digits"], tmp_path)["status"] == "completed"  # the rerun finishes it
+
+
+def test_readme_strategy_interrupted_with_ctrl_c_resumes_to_the_uninterrupted_matrix(readme_strategy):
+    """Item 4, as the README shows it: ``python -m clbench strategy=l2_prev`` from the user's folder (its
+    ``./conf`` found without --config-dir), Ctrl-C after the first task, the same command again: one line and
+    exit 130, then the same R as a run never interrupted (its ``anchor`` used to be lost: ACC 67.68 vs 61.38)."""
+    run = [*RUN, "strategy=l2_prev", "stream.num_tasks=3", "trainer.epochs=1", "stream.train_per_task=2000"]
+    env = {**_env(), "PYTHONPATH": str(readme_strategy)}
+    command = [sys.executable, "-m", "clbench", *run]
+    killed = readme_strategy / "killed"
+    process = subprocess.Popen(
+        [*command, f"results_dir={killed}"],
+        cwd=readme_strategy,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not list(killed.glob("*/l2_prev/*/checkpoint.pt")):
+        time.sleep(0.005)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("clbench: interrupted during task ") and "rerun the same" in lines[0]
+    (checkpoint,) = killed.glob("*/l2_prev/*/checkpoint.pt")
+    assert json.loads((checkpoint.parent / "result.json").read_text())["status"] == "running"
+    assert not (checkpoint.parent / ".lock").exists()
+
+    resumed = subprocess.run(
+        [*command, f"results_dir={killed}"], cwd=readme_strategy, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
+    clean_dir = readme_strategy / "clean"
+    clean = subprocess.run(
+        [*command, f"results_dir={clean_dir}"],
+        cwd=readme_strategy,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert clean.returncode == 0, clean.stderr
+    after = json.loads((checkpoint.parent / "result.json").read_text())
+    reference = json.loads(next(clean_dir.glob("*/l2_prev/*/result.json")).read_text())
+    assert after["status"] == "completed" and after["acc_matrix"] == reference["acc_matrix"]
+
+
+def test_progress_is_one_line_per_task_when_stderr_is_not_a_terminal(tmp_path):
+    done = _clbench(["logger=none", "verbose=false", "stream=split_digits", f"results_dir={tmp_path}"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    progress = [line for line in done.stderr.splitlines() if line.startswith("task ")]
+    assert "\r" not in done.stderr
+    assert [line.split(":")[0] for line in progress] == [f"task {t} of 5" for t in range(5)]
