@@ -253,23 +253,23 @@ class Strategy:
         or its run refuses to resume (:meth:`load_state_dict`) rather than continue without it."""
         assert self.model is not None
         attributes: dict[str, Any] = {}
-        unsaved: list[str] = []
+        unsaved: dict[str, str] = {}  # name: type
         for name, value in vars(self).items():
             if name in BASE_ATTRIBUTES:
                 continue
             if is_plain_state(value):
                 attributes[name] = saved_form(value)
             else:
-                unsaved.append(name)
+                unsaved[name] = type(value).__name__
         return {"model": self.model.state_dict(), "attributes": attributes, "unsaved": unsaved}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Put back what :meth:`state_dict` saved: tensors and modules in place where they still exist (so
         references to them, e.g. into the model, stay valid), other values by assignment."""
         assert self.model is not None
-        unsaved = state.get("unsaved", [])
+        unsaved = state.get("unsaved", {})
         if unsaved and type(self).load_state_dict is Strategy.load_state_dict:
-            kinds = ", ".join(f"{name} ({type(getattr(self, name, None)).__name__})" for name in unsaved)
+            kinds = ", ".join(f"{name} ({kind})" for name, kind in unsaved.items())
             raise UnresumableStrategyError(
                 f"strategy {self.name!r} keeps {kinds}, which the default state_dict cannot save: override "
                 "state_dict / load_state_dict to save it, or pass resume=false to start afresh"
