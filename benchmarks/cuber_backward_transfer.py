@@ -9,8 +9,8 @@ without biases, one shared head, SGD lr 0.01 without momentum, batch 10, 10 % of
 a shared 2-core CPU: ``--tasks`` tasks (5), ``--train`` training images per task (3,000, before the 10 % split)
 and ``--epochs`` epochs (2), identical for every strategy. Each run goes through ``clbench.runner.run`` on the
 composed config (in-process, ``cpu_threads=1``); runs already completed under ``--results-dir`` are skipped
-(``resume=true``), so a stopped script can be started again. The table (with CUBER's regime diagnostics from
-result.json) goes to ``--table``.
+(``resume=true``; a run made by other strategy source is run again unless ``--keep``), so a stopped script
+can be started again. The table (with CUBER's regime diagnostics from result.json) goes to ``--table``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def overrides(stream: str, strategy: str, seed: int, args: argparse.Namespace) -
         "logger=none",
         "plots=false",
         "verbose=false",
-        "resume=true",
+        f"resume={'keep' if args.keep else 'true'}",
         f"results_dir={args.results_dir}",
     ]
 
@@ -202,6 +202,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument(
         "--cuber", nargs="*", default=[], help="extra overrides for the CUBER runs (ablations: strategy.lam=0)"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep finished runs made by older strategy source (rebuild the table)"
     )
     parser.add_argument("--results-dir", type=Path, default=Path("/tmp/clbench_cuber_bwt"))
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks/results/cuber_backward_transfer.md")
