@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
+from clbench.__main__ import CONFIG_DIR
 from clbench.data import load_synthetic
 from clbench.models import MLP
 from clbench.streams import split_stream
@@ -71,3 +74,45 @@ def test_the_capped_penalty_is_the_plain_one_where_nothing_crosses_the_bound():
     assert capped.capped == [0.0, 0.0]
     for a, b in zip(plain.model.parameters(), capped.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def default_job(strategy: str, overrides: list[str]) -> str:
+    """The shipped ``strategy=<name>`` config on a shortened default job (Permuted MNIST-5k, MLP, 3 epochs,
+    SGD lr 0.1): 3 tasks of 2,000 samples. Returns "ok" or the divergence message."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                f"strategy={strategy}",
+                "logger=none",
+                "stream.num_tasks=3",
+                "stream.train_per_task=2000",
+                *overrides,
+            ],
+        )
+    torch.manual_seed(0)
+    stream = instantiate(cfg.stream)
+    model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes)
+    strategy_ = instantiate(cfg.strategy)
+    strategy_.setup(model, stream)
+    trainer = instantiate(cfg.trainer, progress=False)
+    trainer.attach(stream, 0)
+    try:
+        for task in stream:
+            strategy_.fit_task(task, trainer)
+            strategy_.after_task(task)
+    except NonFiniteLossError as error:
+        return str(error)
+    return "ok"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "before"),
+    [
+        ("mas", ["strategy.mas_lambda=1.0", "strategy.stable_penalty=false"]),  # the defaults before the fix
+        ("si", ["strategy.stable_penalty=false"]),
+    ],
+)
+def test_shipped_defaults_train_the_default_job_without_divergence(strategy, before):
+    assert default_job(strategy, before).startswith("training loss became")  # what the default job hit
+    assert default_job(strategy, []) == "ok"
