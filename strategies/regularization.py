@@ -11,9 +11,10 @@ an explicit gradient step of size ``lr`` on a quadratic of curvature h diverges 
 heavy-ball momentum mu: ``lr * h >= 2 (1 + mu)``): each step then overshoots the anchor by more than it
 corrects. The papers' strengths were set for small steps (MAS: lambda = 1 at SGD lr 0.0008; SI:
 c = 0.1 under Adam lr 0.001), where this never happens; at the default job's SGD lr 0.1 a few weights
-of MAS (strength * importance up to ~23 after one task) and SI (up to ~10.5) cross the bound, their
-distance to the anchor grows by a factor |1 - lr h| > 1 per step, and the loss reaches inf within a task
-(SI's path integral then feeds the oscillation back into the next task's importance). With
+of MAS (at the paper's lambda 1: strength * importance up to ~23 after one task) and SI (c 0.1: up to
+~10.5) cross the bound, their distance to the anchor grows by a factor |1 - 2 lr strength importance| > 1
+per step, and the loss reaches inf within a task (SI's path integral then feeds the oscillation back into
+the next task's importance). With
 ``stable_penalty`` on (the default), the strategy caps ``strength * importance`` at
 ``(1 + mu) / (2 lr)`` for SGD - half the bound, so a capped weight is pulled back at most onto its anchor
 in one step and never oscillates - and leaves every weight below the cap untouched; under Adam / AdamW
