@@ -281,3 +281,44 @@ def test_two_processes_write_one_results_tree_that_the_report_reads_as_one(tmp_p
     assert code == 0, err[-3000:]
     rows = sorted((row["strategy"], row["n"], row["code_versions"]) for row in json.loads(out))
     assert rows == [("finetune", 1, 1), ("joint", 1, 1)]  # one table: both runs, from one code version
+
+
+def test_ray_launcher_without_ray_names_the_install_in_one_line(tmp_path):
+    (tmp_path / "no_ray" / "ray").mkdir(parents=True)
+    (tmp_path / "no_ray" / "ray" / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    sweep = clbench(
+        "-m", "hydra/launcher=ray", "seed=0,1", f"results_dir={tmp_path / 'results'}", *TINY,
+        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "no_ray")},
+    )  # fmt: skip
+    code, _, err = finish(sweep)
+    assert code == 2, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "clbench: error: hydra/launcher=ray needs Ray (No module named 'ray'): pip install -e \".[ray]\""
+    )
+
+
+def test_ray_launcher_without_a_cluster_says_how_to_start_one(tmp_path):
+    """``address=auto`` finds no cluster (none was started in this Ray temp folder): one line, exit code 2."""
+    sweep = clbench(
+        "-m", "hydra/launcher=ray", "seed=0,1", f"results_dir={tmp_path / 'results'}", *TINY,
+        cwd=tmp_path, env={**LOCAL_RAY, "RAY_TMPDIR": str(tmp_path), "RAY_ADDRESS": ""},
+    )  # fmt: skip
+    code, _, err = finish(sweep)
+    assert code == 2, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "clbench: error: no Ray cluster answers at 'auto' (Could not find any running Ray instance): start one "
+        "with `ray start --head` or name its head with hydra.launcher.ray.init.address=HOST:PORT"
+    )
+
+
+def test_ray_launcher_names_an_unreachable_head_in_seconds(tmp_path):
+    """Ray itself would retry a wrong HOST:PORT for minutes."""
+    port = free_port()
+    sweep = clbench(
+        "-m", "hydra/launcher=ray", f"hydra.launcher.ray.init.address=127.0.0.1:{port}", "seed=0,1",
+        f"results_dir={tmp_path / 'results'}", *TINY, cwd=tmp_path, env=LOCAL_RAY,
+    )  # fmt: skip
+    code, _, err = finish(sweep, timeout=120)
+    assert code == 2, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"clbench: error: no Ray cluster answers at '127.0.0.1:{port}' ([Errno 111] Connection")

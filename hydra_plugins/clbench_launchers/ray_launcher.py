@@ -20,6 +20,7 @@ is imported only in :meth:`RayLauncher.launch`.
 
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +72,21 @@ def fitting_nodes(nodes: list[dict[str, Any]], remote: dict[str, Any]) -> list[s
         for node in nodes
         if node.get("Alive") and all(node.get("Resources", {}).get(k, 0.0) >= v for k, v in wanted.items() if v > 0)
     ]
+
+
+def check_head_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when a ``HOST:PORT`` head does not accept connections: ``ray.init`` would retry it for
+    minutes. ``auto``, ``null`` and ``ray://`` client addresses are left to Ray."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as error:
+        raise RayClusterError(
+            f"no Ray cluster answers at {address!r} ({error}): start one with `ray start --head` or name its "
+            "head with hydra.launcher.ray.init.address=HOST:PORT"
+        ) from error
 
 
 def _run_on_worker(
@@ -125,17 +141,20 @@ class RayLauncher(Launcher):
 
     def _connect(self) -> Any:
         """Join the cluster named by ``ray.init.address`` (once per process; later batches reuse it)."""
-        import ray
-
+        try:
+            import ray
+        except ImportError as error:
+            raise RayClusterError(f'hydra/launcher=ray needs Ray ({error}): pip install -e ".[ray]"') from error
         if ray.is_initialized():
             return ray
         init = plain(self.ray_config.get("init"))
         address = init.get("address")
+        check_head_reachable(address)
         try:
             ray.init(**init)
         except ConnectionError as error:
             raise RayClusterError(
-                f"no Ray cluster answers at {address!r} ({str(error).splitlines()[0]}): start one with "
+                f"no Ray cluster answers at {address!r} ({str(error).split('. ')[0]}): start one with "
                 "`ray start --head` or name its head with hydra.launcher.ray.init.address=HOST:PORT"
             ) from error
         return ray
