@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,12 @@ def verdict(found: dict[tuple[str, str], list[dict[str, Any]]], stream: str) -> 
     return lines
 
 
+def made_by() -> str:
+    """The command line that made the runs (``--keep`` only rebuilds the table, so it is left out)."""
+    words = [shlex.quote(word) for word in sys.argv[1:] if word != "--keep"]
+    return " ".join(["python benchmarks/cuber_backward_transfer.py", *words])
+
+
 def table(found: dict[tuple[str, str], list[dict[str, Any]]], args: argparse.Namespace, streams: list[str]) -> str:
     lines = [
         "# CUBER backward transfer (issue 21)",
@@ -161,12 +169,12 @@ def table(found: dict[tuple[str, str], list[dict[str, Any]]], args: argparse.Nam
         f"Reduced GPM PMNIST recipe on CPU (cpu_threads=1): {args.tasks} tasks, {args.train} training images per "
         f"task (10 % held out), {args.epochs} epochs, batch 10, SGD lr 0.01, MLP 784-100-100-10 without biases, "
         "thresholds [0.95, 0.99, 0.99], 300 samples per representation, eps1 / trust threshold 0.2, CUBER "
-        "eps2 0.01, lam 1, top_k 2 (conf/strategy/cuber.yaml defaults otherwise); identical for every strategy. "
+        "eps2 0.01, lam 1, top_k 2 (conf/strategy/cuber.yaml defaults, unless overridden below); identical for every "
+        "strategy. "
         f"Rotated Fashion-MNIST steps {STEP_DEGREES:g} degrees per task. ACC and BWT in percent, mean +- sd over "
         "seeds.",
         "",
-        "Made by `python benchmarks/cuber_backward_transfer.py`"
-        + (f" with CUBER overrides `{' '.join(args.cuber)}`." if args.cuber else "."),
+        f"Made by `{made_by()}`" + (" (table rebuilt by --keep from its finished runs)." if args.keep else "."),
         "",
     ]
     for stream in streams:
