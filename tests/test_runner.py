@@ -60,9 +60,9 @@ def test_independent_has_exactly_zero_transfer_and_gives_intransigence(run_tiny,
     assert finetune["metrics"]["intransigence_single_task"] == pytest.approx(expected)
     # Chaudhry et al.'s intransigence needs the joint reference (a*_k = R_joint[k][k]), not run yet here
     assert "intransigence" not in finetune["metrics"]
-    joint = run_tiny(["strategy=joint", "trainer.epochs=3"], results)
+    joint = run_tiny(["strategy=joint"], results)  # the reference matches on stream and seed, 1 epoch is enough
     assert joint["metrics"]["intransigence"] == 0.0
-    later = run_tiny(["strategy=finetune", "trainer.epochs=3", "trainer.lr=0.02"], results)
+    later = run_tiny(["strategy=finetune"], results)
     joint_diagonal = np.diag(np.array(joint["acc_matrix"]))
     assert later["metrics"]["intransigence"] == pytest.approx(
         float(np.mean(joint_diagonal - np.diag(np.array(later["acc_matrix"]))))
