@@ -419,7 +419,10 @@ def check_extra_results(strategy: Strategy, result: dict[str, Any]) -> None:
 
 
 def flat_curves(curves: list[list[list[float]]] | None) -> list[list[float]] | None:
-    """Per task, the training-accuracy curve over all its fits (epochs of every ``trainer.fit`` call)."""
+    """Per task, the training-accuracy curve over all its fits (epochs of every ``trainer.fit`` call); None where
+    a task has none (a strategy that trains outside ``trainer.fit``, such as the Avalanche bridge), since the
+    curve-based L2M metrics need one for every task."""
     if not curves:
         return None
-    return [[point for fit in task for point in fit] for task in curves]
+    flat = [[point for fit in task for point in fit] for task in curves]
+    return flat if all(flat) else None

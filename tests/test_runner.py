@@ -257,3 +257,17 @@ def test_task_aware_accuracy_is_the_argmax_over_the_task_classes(run_tiny):
 def test_task_scenario_has_one_matrix(run_tiny):
     result = run_tiny(["stream=split_digits", "strategy=finetune", "stream.num_tasks=2"])
     assert "acc_matrix_taw" not in result and "metrics_taw" not in result
+
+
+def test_a_strategy_without_training_curves_still_gets_its_l2m_metrics():
+    """The Avalanche bridge trains outside trainer.fit, so each task's curve is empty; every such run failed at
+    the end with 'a learning curve must be a non-empty list' once L2M normalised curves."""
+    from clbench.l2m import summarize_l2m
+    from clbench.runner import flat_curves
+
+    empty = [[[]], [[]], [[]]]
+    assert flat_curves(empty) is None
+    assert flat_curves([[[50.0, 60.0]], [[40.0], [70.0]]]) == [[50.0, 60.0], [40.0, 70.0]]
+    matrix = np.array([[80.0, 10.0, 12.0], [70.0, 85.0, 11.0], [60.0, 75.0, 90.0]])
+    metrics = summarize_l2m(matrix, [10.0, 10.0, 10.0], curves=flat_curves(empty))
+    assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
