@@ -18,8 +18,8 @@ def squared_norm(output: Tensor) -> Tensor:
 
 
 def plain_norm(output: Tensor) -> Tensor:
-    """Mean over the batch of ||f(x)||_2: FACIL's and Avalanche's MAS (gradients 1 / (2 ||f||) times the
-    squared norm's, so lambda means something else there)."""
+    """Mean over the batch of ||f(x)||_2: FACIL's MAS (gradients 1 / (2 ||f||) times the squared norm's, so
+    lambda means something else there; Avalanche 0.6 takes the squared norm, as the paper)."""
     return output.norm(p=2, dim=1).mean()
 
 
@@ -32,7 +32,7 @@ class MAS(QuadraticRegularizer):
 
     Omega for a task is the mean gradient magnitude of the output's norm, f the task's output (its own
     head in the task scenario); labels are not used, as in the paper. ``output_norm``: ``squared``
-    (default; the paper's Eq. 3, ||f(x)||^2, and the official code) or ``l2`` (||f(x)||, FACIL / Avalanche).
+    (default; the paper's Eq. 3, ||f(x)||^2, the official code, Avalanche 0.6) or ``l2`` (||f(x)||, FACIL).
 
     ``magnitude`` says where the absolute value is taken:
 
