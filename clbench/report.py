@@ -84,6 +84,11 @@ FORMATS = ("markdown", "md", "latex", "csv", "json", "html")
 BASE_LABELS = ("protocol", "stream", "scenario", "strategy")
 UNSUCCESSFUL = ("failed", "missing", "unreadable", "running", "unknown")
 PUBLISHED = Path(__file__).resolve().parent / "reference" / "published.csv"
+LEADERBOARD = (
+    "python -m clbench -m protocol=<protocol> 'strategy=glob(*)' seed=0,1,2 results_dir=results/<protocol>, then "
+    "python -m clbench.report results/<protocol> --baseline finetune --format md "
+    "> benchmarks/results/leaderboard_<protocol>.md"
+)
 
 
 class ReportError(ValueError):
@@ -762,7 +767,12 @@ def _keys(text: str | None) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clbench.report", description=__doc__.splitlines()[0])
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(
+        prog="python -m clbench.report",
+        description=doc.split("\n\n")[0].replace("\n", " "),
+        epilog=f"A leaderboard for one protocol (as in the module docstring): {LEADERBOARD}",
+    )
     parser.add_argument("folders", nargs="+", type=Path, help="results or sweep folders to read")
     parser.add_argument("--format", default="markdown", choices=FORMATS)
     parser.add_argument(
@@ -802,6 +812,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ci=args.ci,
             alpha=args.alpha,
         )
+        present = {m for run in runs for m in run.metrics}
+        unknown = [m for m in options.compare if runs and m not in present]
+        if unknown:
+            raise ReportError(f"--compare {','.join(unknown)}: no run has it; use some of {', '.join(sorted(present))}")
         report = summarize(runs, options)
         report.notes = notes + report.notes
         report.table = add_published(report.table, published_table())

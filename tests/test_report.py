@@ -330,3 +330,9 @@ def test_runs_frame_has_one_row_per_run_for_scripts(results):
     frame = report.runs_frame(report.collect([results]).completed)
     assert len(frame) == 6 and {"strategy", "seed", "acc", "bwt", "stream.order_seed"} <= set(frame.columns)
     assert sorted(frame[frame["strategy"] == "gpm"]["acc"]) == GPM_ACC
+
+
+def test_an_unknown_compared_metric_is_one_line_error(results, capsys):
+    assert report.main([str(results), "--no-plots", "--baseline", "finetune", "--compare", "accuracy"]) == 2
+    err = capsys.readouterr().err
+    assert "--compare accuracy" in err and len(err.strip().splitlines()) == 1
