@@ -25,7 +25,10 @@ What it does, in order:
    (:mod:`clbench.stats`), the one of ``--test`` Holm-corrected across the table, and a mark where significant.
    Per protocol, each strategy's average rank over seeds. Cost: training and evaluation time, training FLOPs,
    peak memory, bytes kept between tasks.
-5. ``--format csv|json``: one column per statistic, numbers only (notes on stderr); ``md|latex|html``: a
+5. ``--matrix taw``: class-scenario runs are summarised from R with the task given (``acc_matrix_taw``,
+   task-aware, as FACIL's TAw) instead of the task-agnostic R (TAg, the default); runs of other scenarios have
+   one matrix and keep it.
+6. ``--format csv|json``: one column per statistic, numbers only (notes on stderr); ``md|latex|html``: a
    table to publish with its legend.
 """
 
@@ -244,6 +247,21 @@ def _cost(result: dict[str, Any]) -> dict[str, float]:
         if isinstance(recorded.get(key), int | float):
             cost[key] = float(recorded[key])
     return cost
+
+
+MATRICES = ("tag", "taw")
+
+
+def task_aware_view(result: dict[str, Any]) -> dict[str, Any]:
+    """A class-scenario result as read with the task given: its TAw matrix and metrics in place of the
+    task-agnostic ones (the runner stores both); a result without a TAw matrix is returned unchanged."""
+    if not isinstance(result.get("metrics_taw"), dict):
+        return result
+    view = dict(result)
+    view["metrics"] = dict(result["metrics_taw"])
+    for key in ("acc_matrix", "random_init_acc"):
+        view[key] = result.get(f"{key}_taw", result.get(key))
+    return view
 
 
 def to_run(result: dict[str, Any]) -> Run:
@@ -786,6 +804,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test", default="t", choices=stats.TESTS, help="the test whose Holm-corrected p decides")
     parser.add_argument("--ci", default="t", choices=stats.CI_METHODS, help="interval of the mean: t or bootstrap")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level after Holm's correction")
+    parser.add_argument(
+        "--matrix", default="tag", choices=MATRICES, help="class scenario: task-agnostic R (tag) or task-aware (taw)"
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when any job failed or is missing")
     parser.add_argument("--plots", type=Path, default=None, help="folder for PNG plots (default: <first>/report)")
     parser.add_argument("--no-plots", action="store_true")
@@ -795,7 +816,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         found = collect(args.folders)
-        runs = [to_run(result) for result in found.completed]
+        view = task_aware_view if args.matrix == "taw" else (lambda result: result)
+        runs = [to_run(view(result)) for result in found.completed]
         notes = add_reference_metrics(runs) if runs else []
         metrics = _keys(args.metrics) or None
         if args.l2m:

@@ -336,3 +336,20 @@ def test_an_unknown_compared_metric_is_one_line_error(results, capsys):
     assert report.main([str(results), "--no-plots", "--baseline", "finetune", "--compare", "accuracy"]) == 2
     err = capsys.readouterr().err
     assert "--compare accuracy" in err and len(err.strip().splitlines()) == 1
+
+
+def test_matrix_taw_reads_class_runs_with_the_task_given(tmp_path, capsys):
+    """The runner stores a task-aware R beside the task-agnostic one in the class scenario; --matrix taw reports
+    it, and runs of other scenarios keep their one matrix."""
+    for seed in range(2):
+        tag, taw = _matrix(40.0 + seed), _matrix(90.0 + seed)
+        taw_metrics = metrics.summarize(taw, [50.0, 50.0])
+        _result(tmp_path, "finetune", seed, tag, scenario="class", acc_matrix_taw=taw, metrics_taw=taw_metrics)
+        _result(tmp_path, "finetune", seed, _matrix(70.0), scenario="task")
+    read = {}
+    for matrix in ("tag", "taw"):
+        assert report.main([str(tmp_path), "--no-plots", "--format", "csv", "--matrix", matrix]) == 0
+        table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+        read[matrix] = dict(zip(table["scenario"], table["acc_mean"], strict=True))
+    assert read["tag"]["class"] == pytest.approx(40.5) and read["taw"]["class"] == pytest.approx(90.5)
+    assert read["tag"]["task"] == read["taw"]["task"] == pytest.approx(70.0)
