@@ -19,6 +19,7 @@ needs no change here unless it adds a top-level key.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import math
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -407,13 +409,14 @@ def check_config(cfg: DictConfig | Mapping[str, Any], extra_top_level: Sequence[
         check_target_node(key, config[key])
 
 
+@functools.lru_cache(maxsize=8)
 def primary_keys(config_dir: str | Path) -> list[str]:
-    """The top-level keys ``config.yaml`` in ``config_dir`` defines (cheap: no composition)."""
+    """The top-level keys ``config.yaml`` in ``config_dir`` defines (read once per process, no composition)."""
     path = Path(config_dir) / "config.yaml"
     if not path.exists():
         return []
-    loaded = OmegaConf.load(path)
-    return [str(k) for k in loaded if k not in ("defaults", "hydra")] if isinstance(loaded, DictConfig) else []
+    loaded = yaml.safe_load(path.read_text())
+    return [str(k) for k in loaded if k not in ("defaults", "hydra")] if isinstance(loaded, dict) else []
 
 
 def flat_keys(node: Any, prefix: str = "") -> list[str]:
