@@ -342,57 +342,68 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     except KeyboardInterrupt:
         raise RunInterrupted(first_task) from None
 
-    title = f"{strategy.name} on {stream.name}"
-    plots = bool(cfg.get("plots", True))
-    if stream.square:
-        # references found at run time; clbench.report recomputes both from whatever runs it reads, in any order
-        reference = find_reference_run(Path(str(cfg.results_dir)), stream.name, seed, config["stream"])
-        joint = find_reference_run(Path(str(cfg.results_dir)), stream.name, seed, config["stream"], "joint")
-        if strategy.name == "independent":
-            reference = {"acc_matrix": acc_matrix.tolist(), "train_acc_curves": accuracy_curves}
-        if strategy.name == "joint":
-            joint = {"acc_matrix": acc_matrix.tolist()}
-        reference_acc = None if reference is None else np.diag(np.asarray(reference["acc_matrix"])).tolist()
-        joint_acc = None if joint is None else metrics.joint_reference(joint["acc_matrix"])
-        result["reference_acc"] = reference_acc
-        result["joint_reference_acc"] = joint_acc
-        result["metrics"] = metrics.summarize(acc_matrix, random_init_acc, joint_acc, reference_acc)
-        if task_aware:
-            result["metrics_taw"] = metrics.summarize(acc_matrix_taw, random_init_taw)
-        result["metrics"].update(
-            summarize_l2m(
-                acc_matrix,
-                random_init_acc,
-                ste_acc=reference_acc,
-                curves=flat_curves(accuracy_curves),
-                ste_curves=None if reference is None else flat_curves(reference.get("train_acc_curves")),
+    # Summaries after the last task can fail too (a metric that refuses a strategy's curves, a plot, the cost
+    # probe): the result file then says failed, not running, and a rerun resumes after the last task.
+    try:
+        title = f"{strategy.name} on {stream.name}"
+        plots = bool(cfg.get("plots", True))
+        if stream.square:
+            # references found at run time; clbench.report recomputes both from whatever runs it reads, in any order
+            reference = find_reference_run(Path(str(cfg.results_dir)), stream.name, seed, config["stream"])
+            joint = find_reference_run(Path(str(cfg.results_dir)), stream.name, seed, config["stream"], "joint")
+            if strategy.name == "independent":
+                reference = {"acc_matrix": acc_matrix.tolist(), "train_acc_curves": accuracy_curves}
+            if strategy.name == "joint":
+                joint = {"acc_matrix": acc_matrix.tolist()}
+            reference_acc = None if reference is None else np.diag(np.asarray(reference["acc_matrix"])).tolist()
+            joint_acc = None if joint is None else metrics.joint_reference(joint["acc_matrix"])
+            result["reference_acc"] = reference_acc
+            result["joint_reference_acc"] = joint_acc
+            result["metrics"] = metrics.summarize(acc_matrix, random_init_acc, joint_acc, reference_acc)
+            if task_aware:
+                result["metrics_taw"] = metrics.summarize(acc_matrix_taw, random_init_taw)
+            result["metrics"].update(
+                summarize_l2m(
+                    acc_matrix,
+                    random_init_acc,
+                    ste_acc=reference_acc,
+                    curves=flat_curves(accuracy_curves),
+                    ste_curves=None if reference is None else flat_curves(reference.get("train_acc_curves")),
+                )
             )
-        )
-        result["matrices"] = {
-            "forgetting": metrics.forgetting_matrix(acc_matrix),
-            "backward_transfer": metrics.backward_transfer_matrix(acc_matrix),
-            "forward_transfer": metrics.forward_transfer_matrix(acc_matrix, random_init_acc),
-        }
-        if plots:
-            from clbench.plots import save_matrix  # matplotlib: ~0.6 s to import, paid only when drawing
+            result["matrices"] = {
+                "forgetting": metrics.forgetting_matrix(acc_matrix),
+                "backward_transfer": metrics.backward_transfer_matrix(acc_matrix),
+                "forward_transfer": metrics.forward_transfer_matrix(acc_matrix, random_init_acc),
+            }
+            if plots:
+                from clbench.plots import save_matrix  # matplotlib: ~0.6 s to import, paid only when drawing
 
-            result["paths"]["heatmap"] = str(save_matrix(acc_matrix, f"{title}: R (%)", run_dir / "acc_matrix.png"))
-    else:
-        over_time = acc_matrix.mean(axis=1).tolist()
-        result["metrics"] = accumulation_summary(over_time)
-        if plots:
-            from clbench.plots import save_curve
+                result["paths"]["heatmap"] = str(save_matrix(acc_matrix, f"{title}: R (%)", run_dir / "acc_matrix.png"))
+        else:
+            over_time = acc_matrix.mean(axis=1).tolist()
+            result["metrics"] = accumulation_summary(over_time)
+            if plots:
+                from clbench.plots import save_curve
 
-            result["paths"]["curve"] = str(
-                save_curve(over_time, f"{title}: full test set", run_dir / "acc_over_time.png")
+                result["paths"]["curve"] = str(
+                    save_curve(over_time, f"{title}: full test set", run_dir / "acc_over_time.png")
+                )
+        result["cost"] = cost.measure(strategy, trainer, stream.tasks[-1], steps, device)
+        extra = strategy.extra_results()
+        clashing = sorted(set(extra) & set(result))
+        if clashing:
+            raise ValueError(
+                f"strategy {strategy.name!r} extra_results keys {clashing} clash with the result file's own"
             )
-    result["cost"] = cost.measure(strategy, trainer, stream.tasks[-1], steps, device)
-    extra = strategy.extra_results()
-    clashing = sorted(set(extra) & set(result))
-    if clashing:
-        raise ValueError(f"strategy {strategy.name!r} extra_results keys {clashing} clash with the result file's own")
-    result.update(extra)
-    result["finished_at"] = datetime.now(timezone.utc).isoformat()
+        result.update(extra)
+        result["finished_at"] = datetime.now(timezone.utc).isoformat()
+    except Exception as error:
+        failed = snapshot("failed", f"{type(error).__name__}: {error}")
+        write_result(result_path, failed)
+        for logger in loggers:
+            logger.finish(failed)
+        raise
     snapshot("completed")
     for logger in loggers:  # before the file says completed: an interrupted W&B finish is redone on rerun
         logger.finish(result)

@@ -271,3 +271,27 @@ def test_a_strategy_without_training_curves_still_gets_its_l2m_metrics():
     matrix = np.array([[80.0, 10.0, 12.0], [70.0, 85.0, 11.0], [60.0, 75.0, 90.0]])
     metrics = summarize_l2m(matrix, [10.0, 10.0, 10.0], curves=flat_curves(empty))
     assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
+
+
+def test_a_failure_after_the_last_task_marks_the_run_failed_and_a_rerun_completes_it(
+    run_tiny, tmp_path, monkeypatch, capsys
+):
+    """An Avalanche-bridge run that failed in its end-of-run metrics stayed 'running' forever in result.json."""
+    import clbench.runner as runner_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("simulated metric failure")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner_module, "summarize_l2m", broken)
+        with pytest.raises(ValueError, match="simulated metric failure"):
+            run_tiny(["stream=split_digits", "stream.num_tasks=2"], tmp_path / "r")
+    path = next((tmp_path / "r").glob("split_digits/finetune/*/result.json"))
+    failed = json.loads(path.read_text())
+    assert failed["status"] == "failed" and "simulated metric failure" in failed["error"]
+    assert failed["tasks_completed"] == 2
+    capsys.readouterr()
+    done = run_tiny(["stream=split_digits", "stream.num_tasks=2"], tmp_path / "r")
+    assert done["status"] == "completed"
+    assert "resuming" in capsys.readouterr().out  # after the last task: nothing is trained again
+    assert len(done["timings"]["fit_s"]) == 2
