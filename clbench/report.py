@@ -35,6 +35,7 @@ What it does, in order:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -45,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from clbench import stats
 from clbench.l2m import summarize_l2m
@@ -435,14 +437,41 @@ def _describe(run: Run, labels: Sequence[str]) -> str:
     return " / ".join(f"{run.fields.get(k)}" for k in labels)
 
 
+SETTINGS_DIR = Path(__file__).resolve().parent.parent / "conf" / "settings"
+
+
+def _settings_file_keys(path: Path) -> set[str]:
+    """The dotted config keys one ``conf/settings`` file sets, with those of the settings files it includes."""
+    data = yaml.safe_load(path.read_text()) or {}
+    keys = set(flatten({k: v for k, v in data.items() if k not in ("defaults", "strategy_settings")}))
+    for entry in data.get("defaults", []):
+        if isinstance(entry, str) and entry.startswith("/settings/"):
+            keys |= _settings_file_keys(SETTINGS_DIR / f"{entry.removeprefix('/settings/')}.yaml")
+    return keys
+
+
+@functools.cache
+def settings_keys(protocol: str) -> frozenset[str]:
+    """Config keys that some strategy's settings on ``protocol`` change (``conf/settings/<protocol>/*.yaml``):
+    a strategy may need them on that protocol (SupSup's bias-free MLP, EWC's lr), so they do not make two
+    runs of the protocol incomparable."""
+    folder = SETTINGS_DIR / protocol
+    if not protocol or not folder.is_dir():
+        return frozenset()
+    return frozenset(key for path in folder.glob("*.yaml") for key in _settings_file_keys(path))
+
+
 def _context(run: Run) -> tuple:
     """What two groups must share to be compared or ranked together (one protocol): the protocol name and every
-    identity key outside the strategy and the trainer schedule (a protocol's per-strategy settings may change
-    the schedule; where several baseline groups fit, the one with the same schedule is taken)."""
+    identity key outside the strategy, the trainer schedule and the keys a strategy's settings on the protocol
+    change (a protocol's per-strategy settings may change the schedule or the model's biases; where several
+    baseline groups fit, the one with the same schedule is taken)."""
+    protocol = str(run.fields.get("protocol") or "")
+    varied = settings_keys(protocol)
     kept = sorted(
         (k, json.dumps(v))
         for k, v in run.fields.items()
-        if k in run.identity_keys and not k.startswith(("strategy.", "trainer."))
+        if k in run.identity_keys and not k.startswith(("strategy.", "trainer.")) and k not in varied
     )
     return ("protocol", run.fields.get("protocol")), *kept
 

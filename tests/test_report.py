@@ -353,3 +353,25 @@ def test_matrix_taw_reads_class_runs_with_the_task_given(tmp_path, capsys):
         read[matrix] = dict(zip(table["scenario"], table["acc_mean"], strict=True))
     assert read["tag"]["class"] == pytest.approx(40.5) and read["taw"]["class"] == pytest.approx(90.5)
     assert read["tag"]["task"] == read["taw"]["task"] == pytest.approx(70.0)
+
+
+def test_a_model_key_set_by_a_strategys_settings_still_pairs_with_the_baseline(tmp_path, capsys):
+    """SupSup's settings on the default protocol run the MLP without biases (conf/settings/default/supsup.yaml):
+    it stays comparable with fine-tune on that protocol (Δ and rank were blank), but not on a protocol that
+    has no such setting."""
+    for protocol in ("default", "no_such_protocol"):
+        folder = tmp_path / protocol
+        for seed, acc in enumerate(FINETUNE_ACC):
+            _result(folder, "finetune", seed, _matrix(acc), protocol=protocol)
+        for seed, acc in enumerate(GPM_ACC):
+            path = _result(folder, "supsup", seed, _matrix(acc), protocol=protocol)
+            payload = json.loads(path.read_text())
+            payload["config"]["model"]["bias"] = False
+            path.write_text(json.dumps(payload))
+        assert report.main([str(folder), "--no-plots", "--format", "csv", "--baseline", "finetune"]) == 0
+        table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+        supsup = table[table["strategy"] == "supsup"].iloc[0]
+        if protocol == "default":
+            assert supsup["acc_diff_vs_baseline"] == pytest.approx(np.mean(GPM_ACC) - np.mean(FINETUNE_ACC))
+        else:  # no comparable baseline: no difference at all
+            assert math.isnan(supsup.get("acc_diff_vs_baseline", math.nan))
