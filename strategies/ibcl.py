@@ -548,11 +548,12 @@ class IBCL(Strategy):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        assert self.point_model is not None
+        # compared before the base class restores saved attributes (which would overwrite the config's)
         saved = np.asarray(state["preferences"])
         if saved.shape != self.preferences.shape or not np.allclose(saved, self.preferences):
             raise ValueError("the checkpoint's IBCL preferences differ from the config's: pass resume=false")
+        super().load_state_dict(state)
+        assert self.point_model is not None
         self.point_model.load_state_dict(state["point_model"])
         self.knowledge_base = [GaussianPosterior.from_state(point) for point in state["knowledge_base"]]
         self.extreme_points = [list(indices) for indices in state["extreme_points"]]
