@@ -129,16 +129,28 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 
 def measure(
-    strategy: Strategy, trainer: Trainer, task: Task, counter: StepCounter, device: torch.device
+    strategy: Strategy,
+    trainer: Trainer,
+    task: Task,
+    counter: StepCounter,
+    device: torch.device,
+    count_flops: bool = True,
 ) -> dict[str, Any]:
     """The ``cost`` block of result.json (see the module docstring); a FLOP count that cannot be taken (a
-    strategy whose step does not run outside its trainer) is recorded as null with the reason."""
+    strategy whose step does not run outside its trainer) is recorded as null with the reason.
+
+    ``count_flops=False`` skips the FLOP count (null, with the reason): entering ``FlopCounterMode`` imports
+    ``torch._dynamo``, about 2.8 s on this project's CPU - half of a default run, but paid once per process,
+    so nothing in a sweep, whose jobs share their processes (``count_flops: auto`` in conf/config.yaml)."""
     record: dict[str, Any] = {"train_steps": counter.steps, "train_samples": counter.samples}
-    try:
-        per_step = step_flops(strategy, trainer, task)
-        record.update(step_flops=per_step, train_flops=per_step * counter.steps)
-    except Exception as error:  # a cost figure must never fail a finished run
-        record.update(step_flops=None, train_flops=None, flops_error=f"{type(error).__name__}: {error}")
+    if not count_flops:
+        record.update(step_flops=None, train_flops=None, flops_error="not counted (count_flops=false)")
+    else:
+        try:
+            per_step = step_flops(strategy, trainer, task)
+            record.update(step_flops=per_step, train_flops=per_step * counter.steps)
+        except Exception as error:  # a cost figure must never fail a finished run
+            record.update(step_flops=None, train_flops=None, flops_error=f"{type(error).__name__}: {error}")
     record["kept_bytes"] = int(strategy.kept_bytes())
     record.update(peak_memory(device))
     return record

@@ -389,7 +389,9 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                 result["paths"]["curve"] = str(
                     save_curve(over_time, f"{title}: full test set", run_dir / "acc_over_time.png")
                 )
-        result["cost"] = cost.measure(strategy, trainer, stream.tasks[-1], steps, device)
+        count_flops = cfg.get("count_flops", "auto")
+        count_flops = context.multirun if count_flops == "auto" else bool(count_flops)
+        result["cost"] = cost.measure(strategy, trainer, stream.tasks[-1], steps, device, count_flops)
         extra = strategy.extra_results()
         clashing = sorted(set(extra) & set(result))
         if clashing:

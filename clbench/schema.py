@@ -102,8 +102,7 @@ class RunSchema:
     run_id: str | None
     verbose: bool
     plots: bool
-    experiment_name: str | None  # paper presets (until the protocol group replaces them)
-    reference: str | None
+    count_flops: Literal["auto", True, False]  # auto: in sweeps only (the FLOP counter imports torch._dynamo)
     protocol_name: str | None  # set by conf/protocol/<name>.yaml
     strategy_settings: str | None  # set by conf/settings/<protocol>/<strategy>.yaml
     experiment: str | None

@@ -44,7 +44,7 @@ def test_step_counter_counts_epochs_times_batches_of_every_fit():
 
 
 def test_result_records_cost_with_the_step_flops_of_the_mlp(run_tiny):
-    result = run_tiny(["stream.num_tasks=2", "stream.train_per_task=256", "trainer.batch_size=64"])
+    result = run_tiny(["stream.num_tasks=2", "stream.train_per_task=256", "trainer.batch_size=64", "count_flops=true"])
     recorded = result["cost"]
     assert recorded["train_steps"] == 2 * math.ceil(256 / 64) and recorded["train_samples"] == 512
     # MLP 784-100-100-10 (one shared head in the domain scenario), batch 64: forward 2*B*(in*out) per layer;
@@ -56,3 +56,10 @@ def test_result_records_cost_with_the_step_flops_of_the_mlp(run_tiny):
     assert recorded["train_flops"] == recorded["step_flops"] * recorded["train_steps"]
     assert recorded["kept_bytes"] == 0  # fine-tuning keeps nothing between tasks
     assert recorded["peak_memory_bytes"] > 10 * 2**20 and recorded["peak_memory_kind"] == "rss"
+
+
+def test_a_single_run_skips_the_flop_count_by_default_and_says_so(run_tiny):
+    """count_flops=auto counts in sweeps only: the counter imports torch._dynamo (~2.8 s, half a default run)."""
+    recorded = run_tiny(["stream.num_tasks=2", "stream.train_per_task=128"])["cost"]
+    assert recorded["train_flops"] is None and "count_flops" in recorded["flops_error"]
+    assert recorded["train_steps"] == 2 * math.ceil(128 / 64)
