@@ -168,24 +168,40 @@ def _job_result(index_path: Path, job: dict[str, Any]) -> Path | None:
     return next((path for path in candidates if path.exists()), None)
 
 
-def _sweep_problems(index_path: Path) -> list[dict[str, str]]:
-    """The jobs of a sweep's ``index.json`` that left no completed result: failed, missing, skipped, unreadable,
-    or completed but whose result file is gone."""
-    try:
-        jobs = json.loads(index_path.read_text()).get("jobs", [])
-    except (OSError, json.JSONDecodeError, AttributeError) as error:
-        return [{"path": str(index_path), "status": "unreadable", "reason": str(error).splitlines()[0]}]
-    problems = []
-    for job in jobs:
-        status = str(job.get("status", "unknown"))
-        where = " ".join(job.get("overrides", [])) or job.get("job_dir") or f"job {job.get('job_num')}"
-        where = f"{index_path.parent.name} job {job.get('job_num', '?')}: {where}"
-        if status == "completed":
-            if job.get("result") and _job_result(index_path, job) is None:
-                problems.append({"path": where, "status": "missing", "reason": f"{job['result']} is gone"})
+def _job_problem(index_path: Path, job: dict[str, Any]) -> dict[str, str] | None:
+    """Why a sweep job left no completed result (failed, missing, skipped, or completed but its result file is
+    gone); None when its result is there."""
+    status = str(job.get("status", "unknown"))
+    where = " ".join(job.get("overrides", [])) or job.get("job_dir") or f"job {job.get('job_num')}"
+    where = f"{index_path.parent.name} job {job.get('job_num', '?')}: {where}"
+    if status == "completed":
+        if job.get("result") and _job_result(index_path, job) is None:
+            return {"path": where, "status": "missing", "reason": f"{job['result']} is gone"}
+        return None
+    reason = job.get("error") or job.get("reason") or "no result.json was written"
+    return {"path": where, "status": status, "reason": str(reason)}
+
+
+def _sweep_problems(indexes: Sequence[Path]) -> list[dict[str, str]]:
+    """The jobs of the sweeps' ``index.json`` files that left no completed result. A job launched again by a
+    later sweep into the same results folder (the same overrides: a relaunch that resumes or reruns it) is
+    judged by its latest launch only, so a failure that a relaunch repaired is not listed."""
+    problems: list[dict[str, str]] = []
+    latest: dict[tuple, tuple[Path, dict[str, Any]]] = {}
+    for index_path in sorted(indexes, key=lambda path: (path.parent.name, str(path))):  # sweep folders are times
+        try:
+            jobs = json.loads(index_path.read_text()).get("jobs", [])
+        except (OSError, json.JSONDecodeError, AttributeError) as error:
+            problems.append({"path": str(index_path), "status": "unreadable", "reason": str(error).splitlines()[0]})
             continue
-        reason = job.get("error") or job.get("reason") or "no result.json was written"
-        problems.append({"path": where, "status": status, "reason": str(reason)})
+        root = str(index_path.parents[3]) if len(index_path.parents) > 3 else str(index_path.parent)
+        for job in jobs:
+            overrides = job.get("overrides") or [f"{index_path}#{job.get('job_num')}"]
+            latest[(root, tuple(sorted(overrides)))] = (index_path, job)
+    for index_path, job in latest.values():
+        problem = _job_problem(index_path, job)
+        if problem is not None:
+            problems.append(problem)
     return problems
 
 
@@ -199,8 +215,9 @@ def collect(folders: Sequence[Path]) -> Collection:
     paths: set[Path] = set()
     for folder in folders:
         paths |= {p.resolve() for p in Path(folder).rglob("result.json")}
-        for index in sorted(Path(folder).rglob("index.json")):
-            found.problems += _sweep_problems(index)
+        indexes = sorted(Path(folder).rglob("index.json"))
+        found.problems += _sweep_problems(indexes)
+        for index in indexes:
             try:
                 jobs = json.loads(index.read_text()).get("jobs", [])
             except (OSError, json.JSONDecodeError, AttributeError):

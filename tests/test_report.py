@@ -375,3 +375,20 @@ def test_a_model_key_set_by_a_strategys_settings_still_pairs_with_the_baseline(t
             assert supsup["acc_diff_vs_baseline"] == pytest.approx(np.mean(GPM_ACC) - np.mean(FINETUNE_ACC))
         else:  # no comparable baseline: no difference at all
             assert math.isnan(supsup.get("acc_diff_vs_baseline", math.nan))
+
+
+def test_a_job_repaired_by_a_relaunch_is_not_listed(results):
+    """Relaunching a sweep resumes its failed jobs; the first sweep's failure then no longer counts (the default
+    leaderboard's first sweep listed 9 Avalanche failures that the relaunch had completed)."""
+    done = _result(results, "ewc", 0)
+    for name, status in (("2026-01-01_00-00-00", "failed"), ("2026-01-02_00-00-00", "completed")):
+        sweep = results / "_hydra" / "sweeps" / name
+        sweep.mkdir(parents=True)
+        job = {"job_num": 0, "overrides": ["strategy=ewc", "seed=0"], "status": status, "error": "boom"}
+        if status == "completed":
+            job["result"] = str(done)
+        skipped = {"job_num": 1, "overrides": ["strategy=gpm", "seed=0"], "status": "skipped", "reason": "class"}
+        (sweep / "index.json").write_text(json.dumps({"jobs": [job, skipped]}))
+    found = report.collect([results])
+    assert [p["status"] for p in found.problems] == ["skipped"]  # listed once, not once per sweep
+    assert not found.unsuccessful()
