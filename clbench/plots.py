@@ -197,7 +197,9 @@ def save_matrix_grid(groups: Sequence[tuple[str, Sequence[np.ndarray]]], path: P
     ``mean`` over ``± sd`` (the seed spread), in the colour that reads on that cell (:func:`text_colour`)."""
     columns = min(3, len(groups))
     rows = -(-len(groups) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 4.4 * rows), squeeze=False)
+    # constrained layout spaces the rows by what each panel's title and axis labels need: with the default fixed
+    # fractions a panel's two-line title ran into the x label of the panel above
+    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 4.4 * rows), squeeze=False, layout="constrained")
     for axis in axes.flat[len(groups) :]:
         axis.axis("off")
     image = None

@@ -68,3 +68,23 @@ def test_report_figures_have_integer_task_ticks_bands_and_legends_below(tmp_path
     figure.canvas.draw()
     assert legend.get_window_extent().y1 <= axes.get_window_extent().y0  # below the axes: never over the data
     plt.close(figure)
+
+
+def test_matrix_grid_titles_clear_the_x_labels_of_the_panels_above(tmp_path, monkeypatch):
+    """A leaderboard's mean-R grid (45 groups on the default protocol) had each panel's two-line title drawn over
+    the x label of the panel above."""
+    import clbench.plots as plots
+
+    kept = []
+    monkeypatch.setattr(plots.plt, "close", kept.append)
+    groups = [(f"default / permuted_mnist5k / domain / strategy_{k}", [np.full((5, 5), 50.0)] * 3) for k in range(9)]
+    plots.save_matrix_grid(groups, tmp_path / "grid.png")
+    figure = kept[0]
+    renderer = figure.canvas.get_renderer()
+    axes = np.asarray(figure.axes[:9]).reshape(3, 3)
+    for row in range(1, 3):
+        for column in range(3):
+            title = axes[row, column].title.get_window_extent(renderer)
+            label_above = axes[row - 1, column].xaxis.label.get_window_extent(renderer)
+            assert title.y1 <= label_above.y0, (row, column)
+    plt.close(figure)
