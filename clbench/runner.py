@@ -284,6 +284,13 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             result["error"] = error
         return result
 
+    def record_failure(error: Exception) -> None:
+        """The result file says failed, with the error and every finished task; the loggers finish with it."""
+        failed = snapshot("failed", f"{type(error).__name__}: {error}")
+        write_result(result_path, failed)
+        for logger in loggers:
+            logger.finish(failed)
+
     write_result(result_path, snapshot("running"))
     check_extra_results(strategy, result)
     try:
@@ -334,10 +341,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             first_task = task.id + 1  # where a rerun resumes from
             write_result(result_path, snapshot("running"))
     except Exception as error:
-        failed = snapshot("failed", f"{type(error).__name__}: {error}")
-        write_result(result_path, failed)
-        for logger in loggers:
-            logger.finish(failed)
+        record_failure(error)
         raise
     except KeyboardInterrupt:
         raise RunInterrupted(first_task) from None
@@ -401,10 +405,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         result.update(extra)
         result["finished_at"] = datetime.now(timezone.utc).isoformat()
     except Exception as error:
-        failed = snapshot("failed", f"{type(error).__name__}: {error}")
-        write_result(result_path, failed)
-        for logger in loggers:
-            logger.finish(failed)
+        record_failure(error)
         raise
     snapshot("completed")
     for logger in loggers:  # before the file says completed: an interrupted W&B finish is redone on rerun
