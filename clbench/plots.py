@@ -241,6 +241,15 @@ def _band(values: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray, np.
     return mean, mean - half, mean + half
 
 
+MARKERS = "osD^v<>pXh"
+
+
+def group_style(k: int) -> dict[str, object]:
+    """Colour and marker of the k-th group: 20 colours (tab20) times 10 markers, so no two of up to 200 groups
+    look alike (matplotlib's default cycle repeats its 10 colours, and a leaderboard has 18 strategies)."""
+    return {"color": plt.get_cmap("tab20")(k % 20), "marker": MARKERS[(k // 20 + k) % len(MARKERS)]}
+
+
 def save_curves(groups: Sequence[tuple[str, Sequence[np.ndarray]]], path: Path, level: float = 0.95) -> Path:
     """:func:`curves_figure` written to ``path``."""
     figure = curves_figure(groups, level)
@@ -251,16 +260,18 @@ def save_curves(groups: Sequence[tuple[str, Sequence[np.ndarray]]], path: Path, 
 
 def curves_figure(groups: Sequence[tuple[str, Sequence[np.ndarray]]], level: float = 0.95) -> Figure:
     """Mean accuracy on the tasks seen so far after each task, per group, with its confidence band over seeds;
-    the x axis counts tasks in integers."""
+    the x axis counts tasks in integers. A band is drawn within [0, 100], the range an accuracy can take (with
+    3 seeds a t band is wide)."""
     figure, axes = plt.subplots(figsize=(7.5, 4.8))
     longest = 1
-    for label, matrices in groups:
+    for k, (label, matrices) in enumerate(groups):
         seen = np.array([[m[i, : i + 1].mean() for i in range(m.shape[0])] for m in matrices])
         mean, low, high = _band(seen, level)
         steps = np.arange(1, seen.shape[1] + 1)
         longest = max(longest, seen.shape[1])
-        (line,) = axes.plot(steps, mean, marker="o", ms=3, label=f"{label} (n = {seen.shape[0]})")
-        axes.fill_between(steps, low, high, color=line.get_color(), alpha=0.18, lw=0)
+        style = group_style(k)
+        axes.plot(steps, mean, ms=3, label=f"{label} (n = {seen.shape[0]})", **style)
+        axes.fill_between(steps, np.clip(low, 0, 100), np.clip(high, 0, 100), color=style["color"], alpha=0.18, lw=0)
     axes.set_xticks(range(1, longest + 1, -(-longest // MAX_TICKS)))
     axes.set_xlabel("tasks trained")
     axes.set_ylabel("mean accuracy on tasks seen (%)")
@@ -276,7 +287,7 @@ def save_bwt_fwt(
     """One point per group at its mean (FWT, BWT) with confidence-interval bars on both axes; the groups are named
     in a legend below the plot, not beside the points, so labels never overlap."""
     figure, axes = plt.subplots(figsize=(7.0, 5.2))
-    for label, fwt, bwt in groups:
+    for k, (label, fwt, bwt) in enumerate(groups):
         pairs = np.array([(f, b) for f, b in zip(fwt, bwt, strict=True) if np.isfinite(f) and np.isfinite(b)])
         if pairs.size == 0:
             continue
@@ -286,7 +297,8 @@ def save_bwt_fwt(
             mean[1],
             xerr=[[mean[0] - low[0]], [high[0] - mean[0]]],
             yerr=[[mean[1] - low[1]], [high[1] - mean[1]]],
-            fmt="o",
+            fmt=str(group_style(k)["marker"]),
+            color=group_style(k)["color"],
             capsize=3,
             label=f"{label} (n = {len(pairs)})",
         )

@@ -88,3 +88,17 @@ def test_matrix_grid_titles_clear_the_x_labels_of_the_panels_above(tmp_path, mon
             label_above = axes[row - 1, column].xaxis.label.get_window_extent(renderer)
             assert title.y1 <= label_above.y0, (row, column)
     plt.close(figure)
+
+
+def test_eighteen_groups_get_eighteen_looks_and_bands_stay_within_accuracy_range():
+    """A leaderboard's 18 strategies drew with 10 repeating colours, and 3-seed t bands reached 120 %."""
+    from clbench.plots import curves_figure, group_style
+
+    looks = {(group_style(k)["color"], group_style(k)["marker"]) for k in range(18)}
+    assert len(looks) == 18
+    wild = [np.array([[90.0, 0.0], [10.0, 100.0]]), np.array([[95.0, 0.0], [90.0, 10.0]])]
+    figure = curves_figure([("a", wild), ("b", wild)])
+    for band in figure.axes[0].collections:
+        ys = np.concatenate([path.vertices[:, 1] for path in band.get_paths()])
+        assert ys.min() >= 0.0 and ys.max() <= 100.0
+    plt.close(figure)
