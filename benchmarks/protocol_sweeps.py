@@ -73,11 +73,11 @@ def render(runs: dict[str, dict], extra: list[str]) -> str:
         "# Every strategy on a protocol, one command each",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}. "
-        "Each sweep ran alone, with `benchmarks/protocol_sweeps.py`.",
+        "Made with `benchmarks/protocol_sweeps.py`; other work on the machine inflates a wall time (see below).",
         "",
     ]
     for protocol, run in runs.items():
-        shown = " ".join(a for a in run["command"][2:] if not a.startswith("results_dir="))
+        shown = " ".join(f"'{a}'" if "(" in a else a for a in run["command"][1:] if not a.startswith("results_dir="))
         counts = ", ".join(f"{n} {s}" for s, n in sorted(run["index"].get("counts", {}).items()))
         lines += [
             f"## {protocol}",
