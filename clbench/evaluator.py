@@ -41,6 +41,7 @@ class Evaluator:
 
     trainer: Trainer
     kept: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
+    labels: dict[int, Tensor] = field(default_factory=dict, repr=False)  # per task id, its classes' outputs
     kept_bytes: int = 0
     kept_rounded: bool | None = None
 
@@ -60,15 +61,12 @@ class Evaluator:
     def reset(self) -> None:
         """Forget the kept inputs and the probe's verdict (a new stream or run)."""
         self.kept.clear()
+        self.labels.clear()
         self.kept_bytes = 0
         self.kept_rounded = None
 
-    def row(self, strategy: Strategy, give_task_id: bool, task_aware: bool = False) -> list[float]:
+    def row(self, strategy: Strategy, give_task_id: bool) -> list[float]:
         """One row of R: accuracy in percent on every task's test set, seen and unseen (one host read).
-
-        ``task_aware`` (the class scenario's second matrix, as FACIL reports "TAw" beside "TAg"): each
-        task's predictions are restricted to that task's own classes, i.e. the task identity picks the part
-        of the shared head to read (:meth:`task_labels`); the model's forward pass is the same.
 
         Without task identity the model's prediction does not depend on which task a sample belongs to,
         so all test sets go through the model together in large chunks (``batched_eval``); with it, task
@@ -83,12 +81,28 @@ class Evaluator:
         # One autocast region for the whole row: its cast weights are made once, not once per chunk. The
         # passes run under no_grad, not inference_mode, because autocast keeps no cast-weight cache there.
         with trainer.autocast(evaluation=True):
-            per_task = give_task_id or task_aware or not trainer.batched_eval or strategy.inference_batch() is not None
+            per_task = give_task_id or not trainer.batched_eval or strategy.inference_batch() is not None
             if per_task or len(tasks) == 1:
-                row = torch.stack([self.accuracy(strategy, task, "test", give_task_id, task_aware) for task in tasks])
+                row = torch.stack([self.accuracy(strategy, task, "test", give_task_id) for task in tasks])
             else:
                 row = self._batched_row(strategy, tasks)
         return row.cpu().tolist()
+
+    def rows_with_task_aware(self, strategy: Strategy, give_task_id: bool) -> tuple[list[float], list[float]]:
+        """The class scenario's two rows of R from one pass over the test sets (one host read): task-agnostic
+        (TAg, the argmax over every output) and task-aware (TAw, as FACIL reports beside it: each task's
+        argmax over its own classes, :meth:`task_labels`). The task identity only picks which outputs are
+        read, so both come from the same logits, task by task."""
+        trainer = self.trainer
+        assert trainer.stream is not None
+        for module in strategy.eval_modules():
+            module.eval()
+        with trainer.autocast(evaluation=True):
+            pairs = torch.stack(
+                [self.accuracies(strategy, task, give_task_id) for task in trainer.stream.evaluation_tasks]
+            )
+        agnostic, aware = pairs.T.cpu().tolist()
+        return agnostic, aware
 
     @torch.no_grad()
     def accuracy(
@@ -105,13 +119,29 @@ class Evaluator:
         predicted = self._predictions(
             strategy, pool_split, index, segments, given, self._chunk(strategy, given), allowed
         )
+        if task_aware:
+            predicted = predicted[:, 1]
         return (predicted == targets).sum().double() * (100.0 / max(1, int(index.numel())))
 
-    @staticmethod
-    def task_labels(task: Task) -> Tensor:
+    @torch.no_grad()
+    def accuracies(self, strategy: Strategy, task: Task, give_task_id: bool) -> Tensor:
+        """Task-agnostic and task-aware test accuracy (percent, a ``[2]`` tensor on the device) of one task,
+        from one forward pass."""
+        segments = [Segment(0, task.num_test, task.id)]
+        given = task.id if give_task_id else None
+        chunk = self._chunk(strategy, given)
+        predicted = self._predictions(strategy, "test", task.test_index, segments, given, chunk, self.task_labels(task))
+        hits = (predicted == task.test_targets[:, None]).sum(dim=0).double()
+        return hits * (100.0 / max(1, task.num_test))
+
+    def task_labels(self, task: Task) -> Tensor:
         """The output positions of ``task``'s own classes: the labels its targets use (in the class scenario,
-        the task's global class positions)."""
-        return torch.cat([task.train_targets, task.test_targets, task.val_targets]).unique()
+        the task's global class positions); found once per task and run."""
+        labels = self.labels.get(task.id)
+        if labels is None:
+            labels = torch.cat([task.train_targets, task.test_targets, task.val_targets]).unique()
+            self.labels[task.id] = labels
+        return labels
 
     @torch.no_grad()
     def class_accuracy(self, strategy: Strategy, task: Task, num_classes: int, give_task_id: bool) -> list[float]:
@@ -203,8 +233,8 @@ class Evaluator:
         tensor as the same tasks (a task's test set, the stream's evaluation plan: the inputs of every row
         of R) while they fit in ``eval_cache_mb``. The key holds ``index`` itself, so it cannot be confused
         with another tensor that later takes its address, and the segments' task ids, since tasks of a
-        permuted stream share one test index. ``allowed`` (output positions) restricts the argmax to
-        those classes."""
+        permuted stream share one test index. With ``allowed`` (output positions) the result is ``[N, 2]``:
+        the plain argmax and the argmax over those classes alone, from the same logits."""
         chunks = []
         owners = tuple((seg.start, seg.stop, seg.task_id) for seg in segments)
         first = 0  # the first segment that may still overlap the current chunk
@@ -221,11 +251,13 @@ class Evaluator:
                     self.kept_bytes += x.nbytes
             with self.trainer.autocast(evaluation=True):
                 logits = strategy.predict(x, given)
-            if allowed is not None:
-                blocked = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
-                blocked[allowed] = False
-                logits = logits.masked_fill(blocked, float("-inf"))
-            chunks.append(logits.argmax(dim=1))
+            if allowed is None:
+                chunks.append(logits.argmax(dim=1))
+                continue
+            blocked = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+            blocked[allowed] = False
+            within = logits.masked_fill(blocked, float("-inf")).argmax(dim=1)
+            chunks.append(torch.stack([logits.argmax(dim=1), within], dim=1))
         return torch.cat(chunks) if chunks else index.new_empty(0)
 
     def _kept_form(self, strategy: Strategy, x: Tensor, given: int | None) -> Tensor:

@@ -221,9 +221,11 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         print(f"clbench: resuming {run_dir} after task {first_task - 1}")
     else:
         tick = time.perf_counter()
-        random_init_acc = np.asarray(trainer.evaluate(strategy, give_task_id))
         if task_aware:
-            random_init_taw = np.asarray(trainer.evaluator.row(strategy, give_task_id, task_aware=True))
+            agnostic, aware = trainer.evaluator.rows_with_task_aware(strategy, give_task_id)
+            random_init_acc, random_init_taw = np.asarray(agnostic), np.asarray(aware)
+        else:
+            random_init_acc = np.asarray(trainer.evaluate(strategy, give_task_id))
         random_init_eval_s = time.perf_counter() - tick
 
     group = f"{stream.name}/{context.sweep_dir.name}" if context.sweep_dir is not None else stream.name
@@ -306,9 +308,12 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             learning_curves.append(trainer.epoch_losses[curves_before:])
             accuracy_curves.append(trainer.epoch_accuracies[curves_before:])
             tick = time.perf_counter()
-            acc_matrix[task.id] = trainer.evaluate(strategy, give_task_id)
-            if task_aware:
-                acc_matrix_taw[task.id] = trainer.evaluator.row(strategy, give_task_id, task_aware=True)
+            if task_aware:  # both rows from one pass
+                acc_matrix[task.id], acc_matrix_taw[task.id] = trainer.evaluator.rows_with_task_aware(
+                    strategy, give_task_id
+                )
+            else:
+                acc_matrix[task.id] = trainer.evaluate(strategy, give_task_id)
             if not stream.square:
                 class_acc.append(
                     trainer.class_accuracy(strategy, stream.evaluation_tasks[0], stream.num_classes, give_task_id)

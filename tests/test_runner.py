@@ -295,3 +295,31 @@ def test_a_failure_after_the_last_task_marks_the_run_failed_and_a_rerun_complete
     assert done["status"] == "completed"
     assert "resuming" in capsys.readouterr().out  # after the last task: nothing is trained again
     assert len(done["timings"]["fit_s"]) == 2
+
+
+def test_the_two_class_scenario_rows_come_from_one_pass_and_match_the_plain_row(run_tiny, monkeypatch):
+    """TAg and TAw are read from the same logits (the model ran twice per row before); the TAg row equals the
+    plain batched row of R."""
+    from clbench.strategy import Strategy
+
+    captured = {}
+    original = Strategy.after_task
+
+    def keep(self, task):
+        captured["strategy"] = self
+        original(self, task)
+
+    monkeypatch.setattr(Strategy, "after_task", keep)
+    run_tiny(["stream=split_digits", "stream.scenario=class", "stream.num_tasks=3"])
+    strategy = captured["strategy"]
+    from clbench.trainer import Trainer
+
+    trainer = Trainer(epochs=1, progress=False)
+    trainer.attach(strategy.stream, 0)
+    calls = []
+    predict = strategy.predict
+    monkeypatch.setattr(strategy, "predict", lambda x, t: calls.append(len(x)) or predict(x, t))
+    agnostic, aware = trainer.evaluator.rows_with_task_aware(strategy, False)
+    assert sum(calls) == sum(task.num_test for task in strategy.stream.evaluation_tasks)  # each sample once
+    assert agnostic == pytest.approx(trainer.evaluate(strategy, False), abs=1e-9)
+    assert all(w >= a for w, a in zip(aware, agnostic, strict=True)) and aware != agnostic
