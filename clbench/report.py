@@ -641,22 +641,26 @@ def _interval_cell(row: pd.Series, metric: str) -> str:
     return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def _si(value: float, unit: str) -> str:
+SI_PREFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+BINARY_PREFIXES = ((2**30, "Gi"), (2**20, "Mi"), (2**10, "Ki"))
+
+
+def _scaled(value: float | None, unit: str, prefixes: Sequence[tuple[float, str]], plain: str = ".3g") -> str:
+    """``value`` with the largest prefix it reaches (3 significant digits), "–" when missing."""
     if value is None or math.isnan(value):
         return "–"
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    for factor, prefix in prefixes:
         if abs(value) >= factor:
             return f"{value / factor:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}"
+    return f"{value:{plain}} {unit}"
+
+
+def _si(value: float, unit: str) -> str:
+    return _scaled(value, unit, SI_PREFIXES)
 
 
 def _bytes(value: float) -> str:
-    if value is None or math.isnan(value):
-        return "–"
-    for factor, prefix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g} {prefix}"
-    return f"{value:.0f} B"
+    return _scaled(value, "B", BINARY_PREFIXES, plain=".0f")
 
 
 def _marks(p: float) -> str:
