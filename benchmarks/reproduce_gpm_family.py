@@ -21,6 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cuber_backward_transfer import regime_summary
+
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("finetune", "gpm", "trgp", "cuber")
 # The protocol of conf/experiment/gpm_pfmnist.yaml, spelled out for the strategy that has no preset.
@@ -109,14 +111,10 @@ def write_table(results_dir: Path, table: Path, seeds: list[int], commands: list
                 lines.append(
                     f"- {strategy} seed {r['seed']}: {m['acc']:.2f} / {m['bwt']:.2f}  ({r['paths']['result']})"
                 )
-    for r in sorted(found["cuber"], key=lambda r: r["seed"]):
-        regimes = r.get("cuber_regimes", [])
-        started = sum(row.count(3) for entry in regimes for row in entry.get("start", []))
-        kept = sum(row.count(3) for entry in regimes for row in entry.get("end", []))
-        lines.append(
-            f"- cuber seed {r['seed']}: {started} (layer, old task) pairs entered regime 3 at a task start, "
-            f"{kept} were still there at the task's end (the per-step correlation recheck demotes to regime 2)"
-        )
+    cuber = [r for r in found["cuber"] if r["seed"] in seeds]
+    if cuber:
+        trgp = [r for r in found["trgp"] if r["seed"] in seeds]
+        lines += ["", "CUBER regime diagnostics (result.json `cuber_regimes`):", "", *regime_summary(cuber, trgp)]
     lines += ["", "Commands:", "", "```", *commands, "```", ""]
     text = "\n".join(lines)
     table.parent.mkdir(parents=True, exist_ok=True)
