@@ -48,13 +48,15 @@ class SelectiveInit(Strategy):
     training: Fisch et al.'s default initialisation), is scored on a slice of task t; the chosen one is
     loaded and then fine-tuned as usual.
 
-    Choice (``selector``). ``predictor`` (default; the paper's rule as we read it, Fisch et al. 2023 Sec. 5):
-    a transfer predictor gives each past checkpoint the probability that starting from it beats starting
-    from the base model, ``sigmoid(predictor_weight * gain / 100 + predictor_bias)`` with ``gain`` its score
-    minus the base model's in points; the most probable checkpoint is taken if that probability exceeds
-    0.5, otherwise the method falls back to the base model (ties with the base model go to the base model).
-    The paper fits its predictor on separate task sequences; a clbench stream has none, so its
-    coefficients are configuration (defaults 10 and 0: a checkpoint must score above the base model).
+    Choice (``selector``). ``predictor`` (default; the method as issue 22 describes Fisch et al. 2023, not
+    checked against the paper's full text, which could not be read here: only its abstract, "a selective
+    strategy for initializing new models from past task checkpoints"): a transfer predictor gives each past
+    checkpoint the probability that starting from it beats starting from the base model,
+    ``sigmoid(predictor_weight * gain / 100 + predictor_bias)`` with ``gain`` its score minus the base
+    model's in points; the most probable checkpoint is taken if that probability exceeds 0.5, otherwise the
+    method falls back to the base model (ties with the base model go to the base model). A clbench stream
+    has no separate task sequences to fit a predictor on, so its coefficients are configuration (defaults
+    10 and 0: a checkpoint must score above the base model).
     ``best``: the best-scoring candidate, base model included, ties to the most recent (the behaviour
     before the fallback; with no signal it is plain fine-tuning). Without ``include_initial`` there is no
     base model and both rules take the best checkpoint.
