@@ -26,6 +26,7 @@ gradient itself (GPM: projected from the factors).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,10 @@ from torch import Tensor, nn
 from clbench.models.heads import ContinualModel
 from clbench.models.mlp import MLP
 from clbench.strategy import Batch, Strategy
+
+if TYPE_CHECKING:
+    from clbench.optim import FitOptimizer
+    from clbench.streams import Task
 
 BODY_TYPES = (nn.Flatten, nn.Linear, nn.ReLU)
 
@@ -120,6 +125,18 @@ class ClosedFormStep:
             with torch.no_grad():
                 return self._step(batch, absent, out)
         return self._step(batch, absent, out)
+
+    def train_step(
+        self, batch: Batch, task: Task, absent: Tensor | None, optimizer: FitOptimizer, logits: Tensor
+    ) -> None:
+        """One training step as the trainer's autograd step takes it (the same hooks around the same
+        optimizer update), with the gradients written out; the logits go into ``logits`` (the step's rows
+        of the block's buffer, see :class:`KeptLogits`). The trainer runs it under ``torch.no_grad``."""
+        optimizer.zero_grad(set_to_none=True)
+        self(batch, absent, logits)
+        self.strategy.after_backward(task)
+        optimizer.step()
+        self.strategy.after_step(task)
 
     def _step(self, batch: Batch, absent: Tensor | None, out: Tensor | None) -> Tensor:
         layers = self.layers

@@ -1,11 +1,13 @@
-"""The trainer's own plain SGD: torch.optim.SGD's update, bit for bit, without its per-step machinery.
+"""The trainer's optimizers (``trainer.optimizer``): its own plain SGD, and the ``torch.optim`` ones.
+
+The SGD here is torch.optim.SGD's update, bit for bit, without its per-step machinery.
 
 ``torch.optim.SGD.step`` spends ~30 µs per call on wrappers (profiler records, step hooks, graph-break
 guards) around an update that costs ~10 µs for a small MLP: at batch 10 (GPM's PMNIST protocol) that is a
 few percent of every step. Constructing any ``torch.optim`` optimizer also imports ``torch._dynamo``
 (~1 s of a short run's start-up). ``Trainer.fit`` therefore uses this class for ``trainer.optimizer=sgd``;
-``Trainer.make_optimizer`` still returns real ``torch.optim`` optimizers for strategies and bridges that
-need that API (Avalanche templates, lr schedulers).
+``Trainer.make_optimizer`` still returns real ``torch.optim`` optimizers (:func:`torch_optimizer`) for
+strategies and bridges that need that API (Avalanche templates, lr schedulers), and for Adam / AdamW.
 """
 
 from __future__ import annotations
@@ -62,3 +64,20 @@ class SGD:
                     buffer.mul_(momentum).add_(grad)
                 grad = buffer
             param.add_(grad, alpha=-lr)
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+FitOptimizer = SGD | torch.optim.Optimizer
+
+
+def torch_optimizer(
+    name: str, params: Iterable[Tensor], lr: float, momentum: float, weight_decay: float, capturable: bool = False
+) -> torch.optim.Optimizer:
+    """``trainer.optimizer`` ``name`` (one of :data:`OPTIMIZERS`) as a ``torch.optim`` optimizer. ``momentum``
+    applies to SGD only. ``capturable`` (Adam / AdamW) keeps the step count on the device, so that a step
+    recorded as a CUDA graph advances it on every replay."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, capturable=capturable)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, capturable=capturable)

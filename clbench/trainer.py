@@ -1,36 +1,36 @@
 """The training loop over in-memory, device-resident batches, and its dispatch to closed-form and CUDA-graph steps.
 
-Evaluation (rows of R, the validation loss) is :mod:`clbench.evaluator`'s; ``Trainer`` keeps thin entry points to it.
+Its parts have modules of their own: batches (:mod:`clbench.batches`), optimizers (:mod:`clbench.optim`),
+the lr schedule (:mod:`clbench.schedule`), NaN checks (:mod:`clbench.divergence`), group masking
+(:mod:`clbench.masking`), the fast steps (:mod:`clbench.closed_form`, :mod:`clbench.graphs`) and evaluation
+(:mod:`clbench.evaluator`: rows of R, the validation loss; ``Trainer`` keeps thin entry points to it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from clbench import batches
+from clbench.batches import TrainingSet
 from clbench.closed_form import ClosedFormStep, KeptLogits, use_closed_form
+from clbench.divergence import FiniteLossCheck, NonFiniteLossError, check_finite
 from clbench.evaluator import AMP_DTYPES, Evaluator
 from clbench.graphs import GraphedStep, use_graphs
 from clbench.loggers.progress import task_progress
-from clbench.optim import SGD
+from clbench.masking import absent_classes, batch_absent
+from clbench.optim import OPTIMIZERS, SGD, FitOptimizer, torch_optimizer
 from clbench.schedule import PlateauSchedule
 from clbench.strategy import Batch, Strategy
 from clbench.streams import Stream, Task
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-FitOptimizer = SGD | torch.optim.Optimizer
+__all__ = ["COMPILE_MODES", "OPTIMIZERS", "NonFiniteLossError", "Trainer"]
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
 
 
 @dataclass
@@ -38,28 +38,23 @@ class Trainer:
     """Optimisation settings (``conf/trainer/``) plus the loop that applies a strategy's hooks.
 
     No DataLoader: each epoch draws a permutation on the device and gathers batches from the stream's
-    device-resident pool. The loss is accumulated on the device and read once per epoch, so the step
-    loop never waits for the host.
+    device-resident pool, their inputs ``prefetch_mb`` of batches at a time (:mod:`clbench.batches`). The
+    loss is accumulated on the device and read a few times per epoch (:mod:`clbench.divergence`), so the
+    step loop never waits for the host. Where the strategy declares it safe, a step is recorded once as a
+    CUDA graph and replayed on a GPU (``cuda_graphs``, :mod:`clbench.graphs`), or takes an MLP's gradients
+    written out without autograd on a CPU (``closed_form``, :mod:`clbench.closed_form`); else autograd.
 
     Optional paper-protocol schedule (GPM / TRGP official code; off by default): with ``lr_patience`` > 0
     or ``restore_best`` the validation loss is read at the end of every epoch and handed to a
     :class:`~clbench.schedule.PlateauSchedule`. Both need a validation split (``stream.val_fraction`` > 0).
 
-    Speed switches (off by default, each safe with masks and projections because it changes neither the
-    parameters' layout nor which tensors the hooks see): ``amp="bf16"`` runs training forward passes under bf16
-    autocast (parameters, gradients and optimizer state stay fp32), ``eval_amp="bf16"`` the evaluation passes
-    that fill R (about 2x faster on CPUs with AVX512-BF16 and on GPUs; argmax ties may then fall differently);
-    ``channels_last`` hands 4-d inputs to the model in NHWC memory format (conv kernels pick their NHWC
-    path; weights and their gradients keep the default layout, so projections that view gradients as
-    matrices still work);
-    ``compile`` compiles every model the strategy trains with ``torch.compile`` in that mode
-    (``reduce-overhead`` records CUDA graphs on a GPU, which pays for tiny-batch protocols). The
-    ``eval_*`` and ``batched_eval`` settings are read by the trainer's :class:`~clbench.evaluator.Evaluator`
-    (``evaluator``), which fills rows of R. Training inputs are transformed for
-    ``prefetch_mb`` of batches at a time (the same batches; 0: batch by batch). On a GPU each training step
-    is recorded as a CUDA graph and replayed (``cuda_graphs``, see :mod:`clbench.graphs`); on a CPU an
-    MLP's gradients are written out without autograd where the strategy allows it (``closed_form``, see
-    :mod:`clbench.closed_form`).
+    Speed switches, off by default, each safe with masks and projections (they change neither the
+    parameters' layout nor which tensors the hooks see): ``amp="bf16"`` (training forward passes under bf16
+    autocast; parameters, gradients and optimizer state stay fp32), ``channels_last`` (4-d inputs in NHWC
+    memory format; weights keep theirs, so projections that view gradients as matrices still work) and
+    ``compile`` (``torch.compile`` in that mode on every model the strategy trains; ``reduce-overhead``
+    records CUDA graphs of the model). The ``eval_*`` and ``batched_eval`` settings are read by the
+    trainer's :class:`~clbench.evaluator.Evaluator` (``evaluator``), which fills rows of R.
     """
 
     epochs: int = 1
@@ -162,25 +157,9 @@ class Trainer:
         # a recorded step must not keep autocast's cast-weight cache (it would outlive the capture)
         return torch.autocast(self.stream.device.type, dtype=AMP_DTYPES[amp], cache_enabled=not self._recording)
 
-    @contextlib.contextmanager
-    def block_threading(self) -> Iterator[None]:
-        """CPU threads for preparing a block of training inputs (``block_threads``): the block's transforms
-        (and a strategy's ``prepare_block``) are large operations that split well over cores, while
-        tiny-batch steps may run fastest on one thread (``cpu_threads=1``). ``auto``: every core this
-        process may use; null: the steps' own setting."""
-        if self.block_threads is None or self.stream is None or self.stream.device.type != "cpu":
-            yield
-            return
-        if self.block_threads == "auto":
-            wanted = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        else:
-            wanted = int(self.block_threads)
-        steps_threads = torch.get_num_threads()
-        torch.set_num_threads(wanted)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(steps_threads)
+    def block_threading(self) -> contextlib.AbstractContextManager:
+        """CPU threads while a block of training inputs is prepared (:func:`clbench.batches.block_threading`)."""
+        return batches.block_threading(self.block_threads, None if self.stream is None else self.stream.device)
 
     def model_inputs(self, split: str, index: Tensor, task_ids: int | Tensor) -> Tensor:
         """``stream.inputs`` in the memory format the trainer was asked for."""
@@ -196,20 +175,14 @@ class Trainer:
     def make_optimizer(
         self, params: Sequence[torch.nn.Parameter], lr: float | None = None, capturable: bool = False
     ) -> torch.optim.Optimizer:
+        """A ``torch.optim`` optimizer with this trainer's settings (for strategies, bridges and Adam)."""
         lr = self.lr if lr is None else lr
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay, capturable=capturable)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay, capturable=capturable)
+        return torch_optimizer(self.optimizer, params, lr, self.momentum, self.weight_decay, capturable)
 
     def prefetch_steps(self) -> int:
-        """How many steps' inputs one transform prepares: as many batches as fit in ``prefetch_mb`` of fp32
-        inputs (at least one). A transform costs a handful of kernels whatever its size, so at small batch
-        sizes preparing a block at once removes most of the per-step input cost; the batches are the same."""
+        """How many steps' inputs one block prepares (``prefetch_mb``; see :func:`clbench.batches.prefetch_steps`)."""
         assert self.stream is not None
-        sample_bytes = 4 * math.prod(self.stream.input_shape)
-        return max(1, int(self.prefetch_mb * 2**20) // (sample_bytes * self.batch_size))
+        return batches.prefetch_steps(self.prefetch_mb, self.stream.input_shape, self.batch_size)
 
     def _fit_optimizer(self, params: Sequence[torch.nn.Parameter]) -> FitOptimizer:
         """The step loop's optimizer: clbench's lean SGD (same update as ``torch.optim.SGD``) for
@@ -231,26 +204,17 @@ class Trainer:
         The hooks run for ``tasks[-1]``. Returns the mean training loss of each epoch.
         """
         assert self.stream is not None, "Trainer.attach(stream, seed) must run before fit"
-        stream, current = self.stream, tasks[-1]
-        if len(tasks) == 1:
-            index, targets = current.train_index, current.train_targets
-            task_ids: int | Tensor = current.id
-        else:
-            index = torch.cat([t.train_index for t in tasks])
-            targets = torch.cat([t.train_targets for t in tasks])
-            sizes = torch.tensor([t.num_train for t in tasks], device=index.device)
-            task_ids = torch.tensor([t.id for t in tasks], device=index.device).repeat_interleave(sizes)
+        stream, current, data = self.stream, tasks[-1], TrainingSet.of(tasks)
         epochs = self.epochs if epochs is None else epochs
-        num_samples = int(index.numel())
-        steps = math.ceil(num_samples / self.batch_size)
+        num_samples, device = data.num_samples, data.index.device
+        checks = FiniteLossCheck(data.steps(self.batch_size), self.nan_checks_per_epoch)
         if self.validates and any(t.val_index.numel() == 0 for t in tasks):
             raise ValueError(
                 "trainer.lr_patience / trainer.restore_best need a validation split: set stream.val_fraction > 0"
             )
         trained = list(strategy.parameters(current) if params is None else params)
         self._recording = use_graphs(self.cuda_graphs, strategy, stream.device, self.compile is not None)
-        closed = self._closed_form_for(strategy, task_ids)
-        closed_steps = 0
+        closed = self._closed_form_for(strategy, data.task_ids)
         optimizer = self._fit_optimizer(trained)
         schedule = PlateauSchedule(self.lr, self.lr_patience, self.lr_factor, self.lr_min, self.restore_best)
         absent = self._absent_classes(tasks)
@@ -258,12 +222,16 @@ class Trainer:
             module.train()
         losses: list[float] = []
         accuracies: list[float] = []
-        check_every = max(1, steps // max(1, self.nan_checks_per_epoch))
-        bar = task_progress(epochs * steps, current.id, len(stream), self.progress)
+        bar = task_progress(epochs * checks.steps, current.id, len(stream), self.progress)
         block_steps = self.prefetch_steps()
 
         def step_fn(batch: Batch) -> tuple[Tensor, Tensor]:
             return self._train_step(strategy, batch, current, absent, optimizer)
+
+        def block_inputs(index: Tensor, ids: int | Tensor) -> tuple[Tensor, Tensor | None]:
+            with self.block_threading():
+                x = self.model_inputs("train", index, ids)
+                return x, None if closed is None else strategy.prepare_block(x, current)
 
         graphed = None
         if self._recording:
@@ -272,33 +240,17 @@ class Trainer:
         # and prediction are read back from those once per block (or NaN check): KeptLogits
         grad_mode = torch.no_grad() if closed is not None else contextlib.nullcontext()
         for epoch in range(epochs):
-            # one gather per epoch; every step then takes contiguous slices (views, no index kernels)
-            order = torch.randperm(num_samples, device=index.device, generator=self.generator)
-            epoch_index, epoch_targets = index[order], targets[order]
-            epoch_ids = task_ids if isinstance(task_ids, int) else task_ids[order]
-            step_losses = torch.zeros(steps, device=index.device)
-            predictions = torch.empty(num_samples, device=index.device, dtype=torch.int64)
-            kept = None if closed is None else KeptLogits(self.batch_size, epoch_targets, step_losses, predictions)
+            shuffled = data.shuffled(self.generator)
+            step_losses = torch.zeros(checks.steps, device=device)
+            predictions = torch.empty(num_samples, device=device, dtype=torch.int64)
+            kept = None if closed is None else KeptLogits(self.batch_size, shuffled.targets, step_losses, predictions)
             with grad_mode:
-                for step in range(steps):
-                    chosen = slice(step * self.batch_size, (step + 1) * self.batch_size)
-                    batch_ids = epoch_ids if isinstance(epoch_ids, int) else epoch_ids[chosen]
-                    batch_index = epoch_index[chosen]
-                    if step % block_steps == 0:  # inputs for the next block of steps in one transform
-                        block_start = step * self.batch_size
-                        block = slice(block_start, block_start + block_steps * self.batch_size)
-                        block_ids = epoch_ids if isinstance(epoch_ids, int) else epoch_ids[block]
-                        with self.block_threading():
-                            block_x = self.model_inputs("train", epoch_index[block], block_ids)
-                            block_aux = None if closed is None else strategy.prepare_block(block_x, current)
-                        if kept is not None:
-                            kept.start_block(step, block_x.shape[0], closed.head[1])
-                    rows = slice(chosen.start - block_start, chosen.stop - block_start)
-                    aux = None if block_aux is None else block_aux[rows]
-                    batch = Batch(block_x[rows], epoch_targets[chosen], batch_ids, batch_index, aux)
+                for step, chosen, batch, block_rows in shuffled.batches(self.batch_size, block_steps, block_inputs):
                     if kept is not None:
-                        masked = self._batch_absent(absent, batch.y)
-                        self._closed_form_step(closed, strategy, batch, current, masked, optimizer, kept.rows(chosen))
+                        if block_rows:
+                            kept.start_block(step, block_rows, closed.head[1])
+                        masked = batch_absent(stream, absent, batch.y)
+                        closed.train_step(batch, current, masked, optimizer, kept.rows(chosen))
                     else:
                         loss, predicted = (
                             step_fn(batch) if graphed is None else graphed(batch, key=optimizer.param_groups[0]["lr"])
@@ -306,13 +258,11 @@ class Trainer:
                         step_losses[step] = loss
                         predictions[chosen] = predicted
                     bar.update(1)
-                    if (step + 1) % check_every == 0 or step + 1 == steps:
+                    if checks.due(step):
                         if kept is not None:
                             kept.settle(step + 1)
-                        self._check_finite(step_losses[: step + 1], current, epoch, bar)
-            if closed is not None:
-                closed_steps += steps
-            hits = (predictions == epoch_targets).sum()
+                        check_finite(step_losses[: step + 1], current, epoch, bar)
+            hits = (predictions == shuffled.targets).sum()
             mean_loss = float(step_losses.mean())
             losses.append(mean_loss)
             accuracies.append(float(hits) * 100.0 / num_samples)
@@ -328,7 +278,7 @@ class Trainer:
         if graphed is not None:
             graphed.release()
             self.graph_replays.append(graphed.replays)
-        self.closed_form_steps.append(closed_steps)
+        self.closed_form_steps.append(0 if closed is None else checks.steps * len(losses))  # epochs run
         self._recording = False
         schedule.restore(trained)
         self.epoch_losses.append(losses)
@@ -341,7 +291,7 @@ class Trainer:
     ) -> tuple[Tensor, Tensor]:
         """One optimizer step on ``batch``; returns the detached loss and the predicted classes. Free of
         host reads, so that ``trainer.cuda_graphs`` can record it whole."""
-        absent = self._batch_absent(absent, batch.y)
+        absent = batch_absent(self.stream, absent, batch.y)
         with self.autocast():
             output = strategy.forward(batch.x, batch.task_ids)
             if absent is not None:
@@ -372,56 +322,10 @@ class Trainer:
             return None
         return ClosedFormStep.for_fit(model, strategy, task_ids)
 
-    @staticmethod
-    def _closed_form_step(
-        closed: ClosedFormStep,
-        strategy: Strategy,
-        batch: Batch,
-        task: Task,
-        absent: Tensor | None,
-        optimizer: FitOptimizer,
-        logits: Tensor,
-    ) -> None:
-        """``_train_step`` with the gradients written out, under the caller's ``no_grad``; the logits go
-        into ``logits`` (the step's rows of the block's buffer, see ``KeptLogits``)."""
-        optimizer.zero_grad(set_to_none=True)
-        closed(batch, absent, logits)
-        strategy.after_backward(task)
-        optimizer.step()
-        strategy.after_step(task)
-
-    @staticmethod
-    def _check_finite(step_losses: Tensor, task: Task, epoch: int, bar: tqdm) -> None:
-        """Stop at the first NaN / inf loss, naming task, epoch and step (one host read per check, a few
-        per epoch, so the step loop itself never waits for the host)."""
-        finite = torch.isfinite(step_losses)
-        if bool(finite.all()):
-            return
-        step = int((~finite).nonzero()[0])
-        bar.close()
-        raise NonFiniteLossError(
-            f"training loss became {float(step_losses[step])} in task {task.id} epoch {epoch} step {step}: "
-            "lower trainer.lr or check the strategy's regularisation strength"
-        )
-
     def _absent_classes(self, tasks: Sequence[Task]) -> Tensor | None:
-        """Group masking (Lesort et al., SCoLe): a [outputs] mask of the shared head's classes that the
-        tasks being trained do not contain; their logits are pushed to the minimum so the loss never
-        pushes down classes that are merely absent from this task. None where the stream does not ask."""
+        """The fit's group mask (:func:`clbench.masking.absent_classes`)."""
         assert self.stream is not None
-        if not self.stream.mask_absent_classes:
-            return None
-        absent = torch.ones(self.stream.head_sizes[0], dtype=torch.bool, device=self.stream.device)
-        for task in tasks:
-            absent[list(task.classes)] = False
-        return absent
-
-    def _batch_absent(self, absent: Tensor | None, y: Tensor) -> Tensor | None:
-        """The step's group mask: the task's (``absent``) or, where the stream masks per batch (SCoLe's
-        official code), the classes with no sample in this batch. On the device, no host read."""
-        if absent is None or self.stream is None or not self.stream.mask_per_batch:
-            return absent
-        return torch.ones_like(absent).index_fill_(0, y, False)
+        return absent_classes(self.stream, tasks)
 
     def evaluate(self, strategy: Strategy, give_task_id: bool) -> list[float]:
         """One row of R (``Evaluator.row``)."""
