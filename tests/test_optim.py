@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clbench.optim import SGD
+from clbench.optim import SGD, torch_optimizer
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
@@ -41,3 +41,12 @@ def test_zero_grad_clears_or_zeroes():
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params)
     optimizer.zero_grad()
     assert all(p.grad is None for p in params)
+
+
+def test_torch_optimizers_take_the_trainers_settings():
+    params = _params(0)
+    sgd = torch_optimizer("sgd", params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 1e-4
+    for name, kind in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        made = torch_optimizer(name, params, lr=1e-3, momentum=0.9, weight_decay=0.0, capturable=True)
+        assert type(made) is kind and made.defaults["lr"] == 1e-3 and made.defaults["capturable"] is True
