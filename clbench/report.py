@@ -60,6 +60,8 @@ OPTIONAL_METRICS = (
     "acc_final",
     "acc_mean_over_time",
     "accumulation_gain",
+    "control_acc_final",  # runs with a control set (clbench/control.py): its final accuracy and change
+    "control_change",
 )
 LOWER_IS_BETTER = ("forgetting", "intransigence", "intransigence_single_task")
 LABELS = {
@@ -69,6 +71,8 @@ LABELS = {
     "forgetting": "Forgetting",
     "intransigence": "Intransigence",
     "intransigence_single_task": "Intransigence (single-task)",
+    "control_acc_final": "Control acc",
+    "control_change": "Control change",
 }
 L2M_METRICS = (
     "l2m_performance_maintenance",

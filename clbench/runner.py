@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from clbench import cost, metrics
+from clbench.control import ControlRecord
 from clbench.l2m import summarize_l2m
 from clbench.lock import RunLock
 from clbench.loggers.base import Logger, RunInfo
@@ -145,6 +146,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     trainer: Trainer = instantiate(cfg.trainer)
     stream = instantiate(cfg.stream)
     strategy.check_scenario(stream.scenario)
+    control = ControlRecord(instantiate(cfg.control) if cfg.get("control") else None)  # conf/control/
     extra_logger: Logger = instantiate(cfg.logger) if cfg.get("logger") else Logger()
     loggers: list[Logger] = [ConsoleLogger(enabled=bool(cfg.get("verbose", True))), extra_logger]
 
@@ -175,6 +177,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     stream = stream.to(device)
     model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes).to(device)
     strategy.setup(model, stream)
+    control.prepare(strategy.model or model, stream)
     trainer.attach(stream, seed)
     trainer.prepare(strategy)
     steps = cost.StepCounter()
@@ -218,6 +221,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         for logger, state in zip(loggers, checkpoint.get("loggers", []), strict=False):
             logger.load_state_dict(state)
         steps.steps, steps.samples = checkpoint.get("train_steps", (0, 0))
+        control.load_state_dict(checkpoint, first_task)
         print(f"clbench: resuming {run_dir} after task {first_task - 1}")
     else:
         tick = time.perf_counter()
@@ -226,6 +230,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             random_init_acc, random_init_taw = np.asarray(agnostic), np.asarray(aware)
         else:
             random_init_acc = np.asarray(trainer.evaluate(strategy, give_task_id))
+        control.measure(strategy, None)
         random_init_eval_s = time.perf_counter() - tick
 
     group = f"{stream.name}/{context.sweep_dir.name}" if context.sweep_dir is not None else stream.name
@@ -234,8 +239,12 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     )
     for logger in loggers:
         logger.start(info)
+        if control.active:
+            logger.log_control(None, control.before)
         for t in range(first_task):
             logger.log_task(t, acc_matrix, random_init_acc)
+            if control.active:
+                logger.log_control(t, control.after_task[t])
 
     result: dict[str, Any] = {
         "schema": SCHEMA,
@@ -282,6 +291,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             result.update(acc_matrix_taw=acc_matrix_taw[:done].tolist(), random_init_acc_taw=random_init_taw.tolist())
         if not stream.square:
             result.update(acc_over_time=acc_matrix[:done].mean(axis=1).tolist(), class_acc=class_acc[:done])
+        result.update(control.result_fields(done))
         if error is not None:
             result["error"] = error
         return result
@@ -318,9 +328,12 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                 class_acc.append(
                     trainer.class_accuracy(strategy, stream.evaluation_tasks[0], stream.num_classes, give_task_id)
                 )
+            control.measure(strategy, task.id)
             eval_seconds.append(time.perf_counter() - tick)
             for logger in loggers:
                 logger.log_task(task.id, acc_matrix, random_init_acc)
+                if control.active:
+                    logger.log_control(task.id, control.after_task[task.id])
             atomic_torch_save(
                 {
                     "next_task": task.id + 1,
@@ -340,6 +353,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                     "class_acc": class_acc,
                     "train_steps": (steps.steps, steps.samples),
                     "loggers": [logger.state_dict() for logger in loggers],
+                    **control.state_dict(),
                 },
                 checkpoint_path,
             )
@@ -398,6 +412,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                 result["paths"]["curve"] = str(
                     save_curve(over_time, f"{title}: full test set", run_dir / "acc_over_time.png")
                 )
+        result["metrics"].update(control.metrics())
         count_flops = cfg.get("count_flops", "auto")
         count_flops = context.multirun if count_flops == "auto" else bool(count_flops)
         result["cost"] = cost.measure(strategy, trainer, stream.tasks[-1], steps, device, count_flops)

@@ -106,6 +106,7 @@ class RunSchema:
     protocol_name: str | None  # set by conf/protocol/<name>.yaml
     strategy_settings: str | None  # set by conf/settings/<protocol>/<strategy>.yaml
     experiment: str | None
+    control: dict[str, Any] | None  # conf/control/<name>.yaml (a _target_ node) or null (control=none)
 
 
 @dataclass

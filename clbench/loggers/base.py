@@ -34,6 +34,11 @@ class Logger:
     def log_task(self, task_id: int, acc_matrix: np.ndarray, random_init_acc: np.ndarray) -> None:
         """Called after task ``task_id``: ``acc_matrix`` holds rows 0..task_id (percent)."""
 
+    def log_control(self, task_id: int | None, accuracy: float | None) -> None:
+        """Called with the control-set accuracy (percent; :mod:`clbench.control`) before training (``task_id``
+        None, right after ``start``) and after task ``task_id`` (right after its ``log_task``); only in runs
+        with a control set. None: a resumed run's checkpoint predates the control set."""
+
     def finish(self, result: dict[str, Any]) -> None:
         """Called once with the final result (status ``completed`` or ``failed``)."""
 

@@ -33,6 +33,7 @@ def format_summary(metrics: dict[str, float | None]) -> str:
         "acc_final": "final",
         "acc_mean_over_time": "mean over time",
         "accumulation_gain": "gain",
+        "control_change": "control change",
     }
     parts = [
         f"{labels[k]} {'n/a' if v is None else f'{v:.2f}%'}"
@@ -68,6 +69,12 @@ class ConsoleLogger(Logger):
             print(f"  after task {task_id}: mean accuracy on tasks seen so far {seen:.2f}%")
         else:
             print(f"  after task {task_id}: accuracy on the evaluation set {acc_matrix[task_id].mean():.2f}%")
+
+    def log_control(self, task_id: int | None, accuracy: float | None) -> None:
+        if not self.enabled or accuracy is None or (task_id is not None and (task_id + 1) % self.every):
+            return
+        when = "before training" if task_id is None else f"after task {task_id}"
+        print(f"  control set {when}: {accuracy:.2f}%")
 
     def finish(self, result: dict[str, Any]) -> None:
         if not self.enabled:

@@ -51,6 +51,7 @@ class WandbLogger(Logger):
         self.run = None
         self.task_names: list[str] = []
         self.run_id: str | None = None  # kept in the checkpoint: a resumed run continues the same W&B run
+        self.control_before: float | None = None  # the control accuracy before training, once logged
 
     def start(self, run: RunInfo) -> None:
         import wandb
@@ -98,6 +99,20 @@ class WandbLogger(Logger):
         payload["acc_seen"] = float(rows[task_id, : task_id + 1].mean())
         payload["acc_all"] = float(rows[task_id].mean())
         payload["task"] = task_id
+        self.run.log(payload, step=task_id)
+
+    def log_control(self, task_id: int | None, accuracy: float | None) -> None:
+        """The control accuracy before training goes to the summary (``control_acc_before``); after each task
+        it is logged at that task's step (``control_acc``), beside the change from before (``control_change``)."""
+        if self.run is None or accuracy is None:
+            return
+        if task_id is None:
+            self.control_before = accuracy
+            self.run.summary["control_acc_before"] = accuracy
+            return
+        payload = {"control_acc": accuracy, "task": task_id}
+        if self.control_before is not None:
+            payload["control_change"] = accuracy - self.control_before
         self.run.log(payload, step=task_id)
 
     def state_dict(self) -> dict[str, Any]:
