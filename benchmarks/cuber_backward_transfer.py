@@ -42,6 +42,14 @@ def stream_overrides(stream: str, tasks: int) -> list[str]:
     return [f"stream={stream}", f"stream.num_tasks={tasks}", "stream.permute_first=true"]
 
 
+def strategy_settings(strategy: str, args: argparse.Namespace) -> list[str]:
+    """The recipe's settings for ``strategy`` with the command line's extra overrides for it (``--gpm``,
+    ``--trgp``, ``--cuber``: ablations and probes); an extra override replaces a recipe setting of its key."""
+    extra = list(getattr(args, strategy, None) or [])
+    keys = {item.split("=", 1)[0] for item in extra}
+    return [item for item in STRATEGY_SETTINGS[strategy] if item.split("=", 1)[0] not in keys] + extra
+
+
 def overrides(stream: str, strategy: str, seed: int, args: argparse.Namespace) -> list[str]:
     return [
         *stream_overrides(stream, args.tasks),
@@ -59,8 +67,7 @@ def overrides(stream: str, strategy: str, seed: int, args: argparse.Namespace) -
         "trainer.weight_decay=0.0",
         "trainer.progress=false",
         f"strategy={strategy}",
-        *STRATEGY_SETTINGS[strategy],
-        *(args.cuber if strategy == "cuber" else []),
+        *strategy_settings(strategy, args),
         f"seed={seed}",
         "cpu_threads=1",
         "device=cpu",
@@ -98,6 +105,7 @@ def regime_summary(results: list[dict[str, Any]], trgp: list[dict[str, Any]]) ->
     changes: list[float] = []
     paired: list[float] = []
     per_task: dict[int, list[float]] = {}
+    first_order: list[tuple[float, float]] = []  # (predicted change of task j's loss, accuracy change of j)
     trgp_acc = {r["seed"]: r["acc_matrix"] for r in trgp}
     for result in results:
         other = trgp_acc.get(result["seed"])
@@ -113,6 +121,8 @@ def regime_summary(results: list[dict[str, Any]], trgp: list[dict[str, Any]]) ->
             for change in entry["regime3_accuracy"]:
                 changes.append(change["change"])
                 per_task.setdefault(entry["task"], []).append(change["change"])
+            accuracy = {c["task"]: c["change"] for c in entry["regime3_accuracy"]}
+            first_order.extend((c["change"], accuracy[c["task"]]) for c in entry.get("regime3_first_order", []))
     layers = len(ranks[0]) if ranks else 0
     mean_ranks = ", ".join(f"{statistics.mean(r[i] for r in ranks):.1f}" for i in range(layers)) or "-"
     positive = sum(c > 0 for c in changes)
@@ -127,6 +137,16 @@ def regime_summary(results: list[dict[str, Any]], trgp: list[dict[str, Any]]) ->
         "- mean change by task t: "
         + ", ".join(f"t={t}: {statistics.mean(v):+.2f} (n={len(v)})" for t, v in sorted(per_task.items())),
     ]
+    if first_order:
+        descent = [acc for predicted, acc in first_order if predicted < 0]
+        ascent = [acc for predicted, acc in first_order if predicted >= 0]
+        lines.append(
+            "- first-order change of a regime-3 task's loss predicted by the move inside the free subspace (its "
+            f"stored gradient): {len(first_order)} cases, mean {statistics.mean(p for p, _ in first_order):+.4f}; "
+            f"{len(descent)} descent (their accuracy change: mean "
+            f"{statistics.mean(descent) if descent else float('nan'):+.2f}), {len(ascent)} not (mean "
+            f"{statistics.mean(ascent) if ascent else float('nan'):+.2f})"
+        )
     return lines
 
 
@@ -208,6 +228,13 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=2)
+    for strategy, example in (
+        ("gpm", "'strategy.threshold=[0.999,0.9999,0.9999]'"),
+        ("trgp", "strategy.trust_threshold=1"),
+    ):
+        parser.add_argument(
+            f"--{strategy}", nargs="*", default=[], help=f"extra overrides for the {strategy} runs (probes: {example})"
+        )
     parser.add_argument(
         "--cuber", nargs="*", default=[], help="extra overrides for the CUBER runs (ablations: strategy.lam=0)"
     )

@@ -2,32 +2,38 @@
 Not-Forgetting: Continual Learning with Backward Knowledge Transfer", NeurIPS 2022, arXiv 2211.00789).
 No official code exists; the paper builds on TRGP (same authors), and so does this module.
 
-Source note: the paper's full text (Sec. 4, Algorithm 1) could not be retrieved where this was written (only
-its abstract); the parts below follow the abstract's two notions ("sufficient projection", "positive
-correlation", judged layer-wise before the task), TRGP's official PMNIST code (the regime bookkeeping,
-``eplison_1`` / ``eplison_2``, the regimes fixed before the epoch loop) and the project's design note. The
-equation numbers are therefore not cited; check them against the full text.
+Source note: the paper's full text (Sec. 3-4, Algorithm 1, its equations and hyper-parameter tables) could not be
+read where this was written. Searched: arXiv 2211.00789, the NeurIPS 2022 proceedings and ACM pages, OpenReview
+(id diV1PpaP33), paper mirrors (ar5iv, Hugging Face papers, arxivlens, aitopics), and code for "CUBER" /
+LYang-666 / senlin; every reachable page holds the abstract only, and no CUBER code is public. What is used:
+the abstract (its two notions "sufficient projection" and "positive correlation", judged layer-wise before
+the new task; positively correlated old tasks' models are then modified), TRGP's paper and official code
+(LYang-666/TRGP; its PMNIST script already carries ``eplison_1`` / ``eplison_2``, a ``'3'`` regime label and an
+unused ``grad_list`` memory slot, and decides its regimes once, before the epoch loop) and the issue tracker's
+description (the penalty ``lam * ||(W - W_{t-1}) U_j||^2``). No equation number of the CUBER paper is cited
+below for that reason; TRGP's section and equation numbers are those trgp.py cites.
 
-What each part implements (Algorithm 1, "learn task t"):
+What each part implements ("learn task t"):
 
-- Layer-wise task correlation, decided ONCE per task (Algorithm 1, before the training loop): the new
-  task's gradient ``g_t`` at ``W_{t-1}`` (the model before the task, plain weights) on ``grad_samples``
-  training examples is projected onto each old task j's own input subspace ``U_j`` (TRGP's per-task basis).
-  "Sufficient projection": ``||g_t U_j|| > eps1 ||g_t||``; as in TRGP's code at most ``top_k`` old tasks per
-  layer qualify (the largest projections). "Positive correlation": the cosine between ``g_t U_j`` and the
-  old task's stored gradient ``g_j U_j`` exceeds ``eps2``.
+- Layer-wise task correlation, decided ONCE per task, before training: the new task's gradient ``g_t`` at
+  ``W_{t-1}`` (the model before the task, plain weights, eval mode) on ``grad_samples`` training examples is
+  projected onto each old task j's own input subspace ``U_j`` (TRGP's per-task basis, TRGP Sec. 4.1).
+  "Sufficient projection": ``||g_t U_j|| > eps1 ||g_t||`` (TRGP's trust-region test, Sec. 4.1); at most
+  ``top_k`` old tasks per layer qualify (the largest projections, as TRGP's code). "Positive correlation": the
+  cosine between ``g_t U_j`` and the old task's stored gradient ``g_j U_j`` exceeds ``eps2``.
 - Regime 1 (no sufficient projection): the update is projected out of ``U_j`` (GPM).
 - Regime 2 (sufficient projection, no positive correlation): projected out, plus TRGP's scaled weight
-  projection ``W + W U_j (Q_j - I) U_j^T`` with ``Q_j`` learned for the new task.
-- Regime 3 (sufficient projection and positive correlation): the update may move W inside j's subspace,
-  a first-order descent step for task j too (the paper's backward-transfer condition), with the scaled
-  weight projection as in regime 2, and the loss gains ``lam * ||(W - W_{t-1}) U_j||^2``, which keeps the
-  move small, where the first-order argument holds. The regimes and the penalty hold for the whole task.
+  projection ``W + W U_j (Q_j - I) U_j^T`` with ``Q_j`` learned for the new task (TRGP Eq. 7).
+- Regime 3 (sufficient projection and positive correlation): the scaled weight projection as in regime 2, and
+  the update may also move W inside j's subspace (the first-order argument: a step along ``-g_t`` there lowers
+  task j's loss when the two gradients correlate positively); the loss gains ``lam * ||(W - W_{t-1}) U_j||^2``,
+  which keeps the move small, where the first-order argument holds. Regimes and penalty hold for the task.
 
-Where the paper is silent or leaves a choice, we chose (CHOICE):
+Where the paper could not be checked or leaves a choice, we chose (CHOICE):
 
-- CHOICE ``eps2`` = 0.01 (TRGP / CUBER PMNIST code value ``eplison_2``); ``eps1`` = 0.5 (0.2 on PMNIST) as
+- CHOICE ``eps2`` = 0.01 (the value of ``eplison_2`` in TRGP's PMNIST code); ``eps1`` = 0.5 (0.2 on PMNIST) as
   TRGP; ``lam`` = 1.0; ``grad_samples`` = 300 (the official code's sample for every gradient / representation).
+  The correlation test is a cosine (scale-free), not a raw inner product.
 - CHOICE the old task's gradient ``g_j`` is computed once, at the end of its own training, on
   ``grad_samples`` of its training examples through its own stored scaled weights, and kept as the full
   ``[out, d]`` matrix per layer (no data is replayed; it goes stale if task j's model moves later).
@@ -36,16 +42,22 @@ Where the paper is silent or leaves a choice, we chose (CHOICE):
   memory ``M`` (so the update is ``g (I - M M^T) + g F F^T``). Protected for a regime-1 / regime-2 old task s:
   its own basis ``U_s`` and, with ``protect_scaled_reads`` (default), the bases ``U_k`` its own stored scaled
   projections read (``W U_k`` enters task s's outputs). So a regime-1 or regime-2 task's outputs are
-  unchanged by the update; regime-2 pairs of the new task read ``W U_k`` live where the layer moves.
+  unchanged by the update; regime-2 pairs of the new task read ``W U_k`` live where the layer moves. The
+  correlation is still judged inside ``U_j``, not inside the (smaller) ``F``.
+- CHOICE the penalty is added to every minibatch's loss and its gradient enters the update only through F.
+  Under SGD it pulls the move back with time constant ``1 / (2 lam lr)`` steps (50 at lr 0.01, lam 1), so the
+  move at the end of the task follows the last minibatch gradients; benchmarks/results/
+  cuber_backward_transfer_analysis.md measures what that does to regime-3 tasks.
 - CHOICE an optional safety check, off by default (``recheck_per_epoch``): after every epoch but the last,
   the correlation of each trusted pair is recomputed from ``grad_samples`` examples at the current weights;
   pairs move between regimes 2 and 3 both ways (not absorbing). It needs a fit per epoch, so it refuses
   a trainer with a validation-driven schedule.
 
-Diagnostics (``extra_results()["cuber_regimes"]``): per task, per layer, each old task's regime, the correlation,
-the rank of the free subspace, and the test-accuracy change of each regime-3 task during the task
-(``R[t][j] - R[t-1][j]``, measured by the strategy itself before and after training with the runner's
-evaluation).
+Diagnostics (``extra_results()["cuber_regimes"]``, one entry per task): each (layer, old task)'s regime, the
+correlations, each layer's free rank, the test-accuracy change of each regime-3 task during the task
+(``R[t][j] - R[t-1][j]``, measured by the strategy with the runner's evaluation), the norm of the move inside
+each free subspace and, per regime-3 task, the first-order change of its loss that move predicts from its
+stored gradient (negative: the move descends task j's loss, the backward transfer the method aims at).
 """
 
 from __future__ import annotations
@@ -260,7 +272,33 @@ class CUBER(TRGP):
             {"task": j, "before": b, "after": a, "change": a - b}
             for j, b, a in zip(watched, before, after, strict=True)
         ]
+        log.update(self.move_diagnostics(watched))
         self.regime_log.append(log)
+
+    @torch.no_grad()
+    def move_diagnostics(self, watched: Sequence[int]) -> dict[str, Any]:
+        """What the task's move inside the free subspaces did, from data the strategy keeps: per layer the
+        norm of ``(W - W_{t-1}) F F^T``, and per regime-3 task j the first-order change of its loss that
+        move predicts, ``sum_layers <g_j, (W - W_{t-1}) F F^T>`` with j's stored gradient (negative: the
+        move is a descent direction for j, the paper's backward-transfer condition; positive: it hurts j)."""
+        moves: list[Tensor | None] = []
+        for layer, free, start in zip(self.layers, self.free, self.start_weights, strict=True):
+            if free is None or start is None:
+                moves.append(None)
+                continue
+            moves.append(free.component((layer.weight_matrix().detach() - start).to(free.bases.dtype)))
+        first_order = []
+        for j in watched:
+            change = sum(
+                float((self.task_grads[j][i].to(move.dtype) * move).sum())
+                for i, move in enumerate(moves)
+                if move is not None and j in self.backward[i]
+            )
+            first_order.append({"task": j, "change": change})
+        return {
+            "free_move": [0.0 if move is None else float(torch.linalg.norm(move)) for move in moves],
+            "regime3_first_order": first_order,
+        }
 
     def recheck(self, task: Task, trainer: Trainer) -> None:
         """The optional safety check: regimes 2 / 3 of the trusted pairs from a fresh gradient at the current

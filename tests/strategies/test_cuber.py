@@ -180,3 +180,62 @@ def test_diagnostics_match_the_runners_accuracy_matrix(run_tiny):
 def test_cuber_end_to_end_task_stream(run_tiny):
     result = run_tiny(["strategy=cuber", "stream=split_digits", "model=mlp", "strategy.num_samples=50"])
     assert result["status"] == "completed" and len(result["acc_matrix"]) == 5
+
+
+def force_regimes(cuber, trusted: list[int], backward: list[int]) -> None:
+    """Every layer trusts ``trusted`` old tasks, of which ``backward`` are in regime 3 (the rest regime 2)."""
+    cuber.select_trust_regions = lambda grads: [list(trusted) for _ in grads]
+
+    def decide(grads, trust):
+        cuber.correlations = [[None] * len(cuber.task_bases) for _ in cuber.layers]
+        cuber.backward = [list(backward) for _ in cuber.layers]
+
+    cuber.decide_regimes = decide
+
+
+def test_regime_2_pairs_read_the_weight_live_where_a_regime_3_pair_moves_the_layer(build):
+    cuber, stream, _ = build("cuber", lam=0.0)
+    train(cuber, stream, [0, 1])
+    force_regimes(cuber, trusted=[0, 1], backward=[1])
+    one_step(cuber, stream, task_id=2)
+    assert cuber.regime_log[-1]["regimes"] == [[2, 3], [2, 3], [2, 3]]
+    for i, pairs in enumerate(cuber.train_pairs):
+        assert cuber.free[i] is not None and len(pairs) == 2
+        # W moves inside task 1's subspace, so task 0's scaled projection must read W U_0 from the live weight
+        assert all(wu is None for _, _, wu in pairs)
+
+
+def test_regime_2_pairs_stay_frozen_where_nothing_moves_inside_old_subspaces(build):
+    cuber, stream, _ = build("cuber", lam=0.0)
+    train(cuber, stream, [0, 1])
+    force_regimes(cuber, trusted=[0, 1], backward=[])
+    one_step(cuber, stream, task_id=2)
+    assert cuber.regime_log[-1]["regimes"] == [[2, 2], [2, 2], [2, 2]]
+    assert all(wu is not None for pairs in cuber.train_pairs for _, _, wu in pairs)  # TRGP's frozen read
+
+
+def test_first_order_diagnostic_predicts_the_old_tasks_loss_change_from_the_free_move(build):
+    # every training example in the stored gradient: the prediction is the first-order term of task 0's loss
+    cuber, stream, model = build("cuber", bias=False, eps1=0.0, eps2=-1.0, lam=0.0, grad_samples=10_000)
+    trainer = train(cuber, stream, [0], lr=0.002)
+    task0 = stream.tasks[0]
+    x0, y0 = stream.inputs("train", task0.train_index, 0), task0.train_targets
+
+    def loss0() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(cuber.predict(x0, 0), y0))
+
+    start = [layer.module.weight.detach().clone() for layer in cuber.layers]
+    base = loss0()
+    cuber.fit_task(stream.tasks[1], trainer)  # no after_task: it would drop the free subspaces
+    log = cuber.regime_log[-1]
+    assert log["regimes"] == [[3], [3], [3]] and all(norm > 0 for norm in log["free_move"])
+    with torch.no_grad():  # keep only the move inside each free subspace, then measure task 0's loss
+        for layer, w0, free in zip(cuber.layers, start, cuber.free, strict=True):
+            move = free.component((layer.module.weight - w0).to(free.bases.dtype)).to(w0.dtype)
+            layer.module.weight.copy_(w0 + move)
+    actual = loss0() - base
+    predicted = log["regime3_first_order"][0]["change"]
+    assert predicted < 0 and actual < 0  # related permutations: the move is a descent direction for task 0
+    assert predicted == pytest.approx(actual, rel=0.15)
