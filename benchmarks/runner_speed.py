@@ -21,11 +21,22 @@ Four measurements, each side by side in one invocation on the same machine (the 
     python benchmarks/runner_speed.py all --device cuda   # the same on a GPU
 
 Results go to stdout and to ``benchmarks/results/runner_speed_<device>.md``.
+
+``ab`` compares two source trees (two commits' checkouts) on the same machine, for a change that must not
+slow the runner: ``--trees OLD NEW`` (``--extra`` adds overrides to every run). Every measurement is its own
+process importing clbench from one tree (``PYTHONPATH``; the tree each imported is checked and printed);
+the trees take turns within each repeat, in an order that flips every repeat (old, new, then new, old), so
+a slow spell of a shared machine falls on both alike. Cases: the ``overhead`` protocol's training time in
+process with closed-form and with autograd steps, and the whole ``python -m clbench logger=none
+plots=false`` process. Medians go to ``--out`` with the command and the load average.
+
+    python benchmarks/runner_speed.py ab --trees /tmp/ab_old . --repeats 7 --extra cpu_threads=1 --out X.md
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -417,12 +428,105 @@ def bench_memory(args: argparse.Namespace, work: Path) -> list[str]:
     return [*lines, ""]
 
 
+# -------------------------------------------------------------------------------------------------
+# A/B of two source trees
+# -------------------------------------------------------------------------------------------------
+
+AB_CASES = {  # name -> in-process overrides (None: the whole python -m clbench process)
+    "fit s, closed-form steps (default)": [],
+    "fit s, autograd steps (trainer.closed_form=false)": ["trainer.closed_form=false"],
+    "whole process s (logger=none plots=false)": None,
+}
+
+
+def ab_child(args: argparse.Namespace) -> None:
+    """One in-process run of an ``ab`` case, from whichever tree ``PYTHONPATH`` puts first."""
+    import clbench
+
+    result = clbench_in_process(args.seed, args.device, args.work, [*json.loads(args.case), *args.extra])
+    timings = result["timings"]
+    found = {"fit_s": sum(timings["fit_s"]), "acc": result["metrics"]["acc"], "tree": clbench.__file__}
+    print("AB " + json.dumps(found))
+
+
+def ab_measure(args: argparse.Namespace, tree: Path, case: list[str] | None, work: Path) -> tuple[float, float, str]:
+    """One measurement of ``case`` with clbench from ``tree``: seconds, final ACC and the tree imported."""
+    env = dict(os.environ, PYTHONPATH=str(tree), WANDB_SILENT="true")
+    if case is None:  # run from the work folder: python -m puts the current folder before PYTHONPATH
+        command = [sys.executable, "-m", "clbench", *PROTOCOL, f"seed={args.seed}", f"device={args.device}"]
+        command += ["resume=false", "logger=none", "plots=false", f"results_dir={work}", *args.extra]
+        tick = time.perf_counter()
+        done = subprocess.run(command, cwd=work, capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - tick
+        found = re.search(r"ACC ([\d.]+)% \|", done.stdout + done.stderr)
+        if done.returncode != 0 or found is None:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        return seconds, float(found.group(1)), str(tree)
+    command = [sys.executable, __file__, "ab-child", "--case", json.dumps(case), "--work", str(work)]
+    command += ["--seed", str(args.seed), "--device", args.device, *(f"--extra={e}" for e in args.extra)]
+    _, text = timed(command, env)
+    found = json.loads(text.split("AB ", 1)[1].splitlines()[0])
+    return found["fit_s"], found["acc"], found["tree"]
+
+
+def bench_ab(args: argparse.Namespace, work: Path) -> list[str]:
+    trees = [tree.resolve() for tree in args.trees]
+    labels = ["old", "new"]
+    for label, tree in zip(labels, trees, strict=True):
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        check = [sys.executable, "-c", "import clbench; print(clbench.__file__)"]
+        imported = subprocess.run(check, cwd=work, capture_output=True, text=True, env=env).stdout.strip()
+        if not imported.startswith(str(tree)):
+            raise RuntimeError(f"PYTHONPATH={tree} imports clbench from {imported}: not the tree asked for")
+        print(f"{label}: {tree} (git {git_head(tree)}) imports {imported}", flush=True)
+    load_before = os.getloadavg()
+    lines = section("A/B: two source trees, interleaved", ["case", "repeat", "order", "old", "new", "ACC old / new"])
+    measured: dict[str, dict[str, list[float]]] = {case: {label: [] for label in labels} for case in AB_CASES}
+    for repeat in range(args.repeats):
+        order = labels if repeat % 2 == 0 else labels[::-1]
+        for case, overrides in AB_CASES.items():
+            got = {}
+            for label in order:
+                tree = trees[labels.index(label)]
+                folder = work / "ab" / label
+                folder.mkdir(parents=True, exist_ok=True)
+                seconds, acc, imported = ab_measure(args, tree, overrides, folder)
+                assert imported.startswith(str(tree)), f"{label} ran clbench from {imported}"
+                measured[case][label].append(seconds)
+                got[label] = (seconds, acc)
+            accs = f"{got['old'][1]:.2f} / {got['new'][1]:.2f}"
+            lines.append(
+                f"| {case} | {repeat} | {'-'.join(order)} | {got['old'][0]:.3f} | {got['new'][0]:.3f} | {accs} |"
+            )
+            print(lines[-1], flush=True)
+    load_after = os.getloadavg()
+    summary = section(f"Medians over {args.repeats} repeats", ["case", "old", "new", "new / old"])
+    for case, times in measured.items():
+        old, new = median(times["old"]), median(times["new"])
+        summary.append(f"| {case} | {old:.3f} | {new:.3f} | {new / old:.3f}x |")
+    loads = ", ".join(f"{v:.2f}" for v in load_before), ", ".join(f"{v:.2f}" for v in load_after)
+    head = [
+        f"Trees: old `{trees[0]}` (git {git_head(trees[0])}), new `{trees[1]}` (git {git_head(trees[1])}).",
+        f"Extra overrides on every run: `{' '.join(args.extra) or 'none'}`.",
+        f"Load average (1, 5, 15 min) at the start: {loads[0]}; at the end: {loads[1]}.",
+        "",
+    ]
+    return [*head, *summary, "", *lines, ""]
+
+
+def git_head(tree: Path) -> str:
+    """The tree's checked-out commit, with ``+changes`` where its tracked files differ from it."""
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(tree), "diff", "--quiet", "HEAD", "--", "clbench", "strategies"])
+    return head.stdout.strip() + ("+changes" if dirty.returncode else "")
+
+
 BENCHES = {"avalanche": bench_avalanche, "overhead": bench_overhead, "eval": bench_eval, "memory": bench_memory}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=[*BENCHES, "all", "avalanche-child", "memory-child"])
+    parser.add_argument("what", choices=[*BENCHES, "all", "ab", "avalanche-child", "memory-child", "ab-child"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
@@ -430,6 +534,9 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/clbench_runner_speed"))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--trees", type=Path, nargs=2, metavar=("OLD", "NEW"), help="ab: the two source trees")
+    parser.add_argument("--extra", action="append", default=[], help="ab: an override for every run (repeatable)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.what == "avalanche-child":
         avalanche_child(args.data, args.seed, args.device)
@@ -437,20 +544,31 @@ def main() -> int:
     if args.what == "memory-child":
         memory_child(args.tasks, args.device, args.work)
         return 0
+    if args.what == "ab-child":
+        ab_child(args)
+        return 0
+    if args.what == "ab" and args.trees is None:
+        parser.error("ab needs --trees OLD NEW")
     args.work.mkdir(parents=True, exist_ok=True)
     chosen = list(BENCHES) if args.what == "all" else [args.what]
+    command = f"python benchmarks/runner_speed.py {args.what} --device {args.device} --repeats {args.repeats}"
+    if args.what == "ab":
+        chosen, command = ["ab"], " ".join(["python", *sys.argv])
     lines = [
         f"# clbench runner speed ({args.device})",
         "",
         f"Machine: {machine(args.device)}.",
-        f"Command: `python benchmarks/runner_speed.py {args.what} --device {args.device} --repeats {args.repeats}`",
+        f"Command: `{command}`",
         "",
     ]
     print("\n".join(lines), flush=True)
     for name in chosen:
-        lines += BENCHES[name](args, args.work)
+        lines += {**BENCHES, "ab": bench_ab}[name](args, args.work)
         print("\n".join(lines[-3:]), flush=True)
     out = args.out or ROOT / "benchmarks" / "results" / f"runner_speed_{args.device.split(':')[0]}.md"
+    if args.what == "ab" and args.out is not None:
+        out.write_text("\n".join(lines))
+        print(f"written: {out}")
     if args.what == "all":
         out.write_text("\n".join(lines))
         print(f"written: {out}")
