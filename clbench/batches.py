@@ -31,7 +31,7 @@ BlockInputs = Callable[[Tensor, int | Tensor], tuple[Tensor, Tensor | None]]
 
 def prefetch_steps(prefetch_mb: float, input_shape: Sequence[int], batch_size: int) -> int:
     """How many steps' inputs one block holds: as many batches as fit in ``prefetch_mb`` of fp32 inputs of
-    ``input_shape`` (at least one)."""
+    ``input_shape``, at least one (``prefetch_mb`` 0: batch by batch)."""
     sample_bytes = 4 * math.prod(input_shape)
     return max(1, int(prefetch_mb * 2**20) // (sample_bytes * batch_size))
 
