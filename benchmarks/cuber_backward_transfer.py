@@ -90,6 +90,84 @@ def run_one(stream: str, strategy: str, seed: int, args: argparse.Namespace) -> 
     return run(cfg)
 
 
+def undo_probe(args: argparse.Namespace) -> str:
+    """What CUBER's move inside the free subspace does to task 0 at task 1 of the rotated stream, for the default
+    ``lam`` and ``lam=0`` from the same W_0 (per seed): task 0's test accuracy after task 1, the same with the move
+    inside F undone (``W - (W - W_0) F F^T``: what is left is TRGP's update), the move's norm per layer and the
+    first-order change of task 0's loss it predicts (CUBER's own diagnostic). No result files: in-process."""
+    import copy
+
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from clbench.__main__ import CONFIG_DIR
+    from clbench.runner import seed_everything
+
+    rows = []
+    for seed in args.seeds:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides("rotated_fashion_mnist", "cuber", seed, args))
+        seed_everything(seed)
+        torch.set_num_threads(1)
+        stream = instantiate(cfg.stream)
+        model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes)
+        strategy = instantiate(cfg.strategy)
+        strategy.setup(model, stream)
+        assert not any(layer.has_bias for layer in strategy.layers), "the probe restores bias-free weights only"
+        trainer = instantiate(cfg.trainer)
+        trainer.attach(stream, seed)
+        strategy.fit_task(stream.tasks[0], trainer)
+        strategy.after_task(stream.tasks[0])
+        state, weights, rng = (
+            copy.deepcopy(strategy.state_dict()),
+            copy.deepcopy(model.state_dict()),
+            torch.get_rng_state(),
+        )
+        first = strategy.test_accuracies(trainer, [0])[0]
+        for lam in dict.fromkeys([strategy.lam, 0.0]):
+            model.load_state_dict(weights)
+            strategy.load_state_dict(copy.deepcopy(state))
+            torch.set_rng_state(rng)
+            strategy.lam = lam
+            strategy.fit_task(stream.tasks[1], trainer)
+            log = strategy.regime_log[-1]
+            after = strategy.test_accuracies(trainer, [0])[0]
+            with torch.no_grad():
+                for layer, free, start in zip(strategy.layers, strategy.free, strategy.start_weights, strict=True):
+                    if free is not None and start is not None:
+                        weight = layer.weight_matrix().detach()
+                        moved = free.component((weight - start).to(free.bases.dtype)).to(weight.dtype)
+                        layer.module.weight.copy_((weight - moved).view_as(layer.module.weight))
+            undone = strategy.test_accuracies(trainer, [0])[0]
+            predicted = sum(c["change"] for c in log["regime3_first_order"])
+            norms = ", ".join(f"{n:.3f}" for n in log["free_move"])
+            rows.append(
+                f"| {seed} | {lam:g} | {log['regimes']} | {first:.2f} | {after:.2f} | {undone:.2f} | "
+                f"{after - undone:+.2f} | {norms} | {predicted:+.4f} |"
+            )
+            print(rows[-1], flush=True)
+    return "\n".join(
+        [
+            "# CUBER's move inside the free subspace at task 1 (issue 21)",
+            "",
+            "Rotated Fashion-MNIST, the recipe of cuber_backward_transfer.md; per seed one task-0 model W_0, "
+            "then task 1 with CUBER at the given lam from that same W_0. R[0][0]: task 0's test accuracy after "
+            "task 0; after: after task 1; undone: after task 1 with the move inside the free subspace F removed "
+            "(W - (W - W_0) F F^T, i.e. TRGP's update of that run); effect = after - undone. Predicted: the "
+            "first-order change of task 0's loss from the move, with task 0's stored gradient (negative: descent).",
+            "",
+            f"Made by `{made_by()}`.",
+            "",
+            "| seed | lam | regimes | R[0][0] | after | undone | effect of the move | norm of the move per layer "
+            "| predicted loss change |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+
+
 def mean_sd(values: list[float], sign: str = "") -> str:
     if not values:
         return "-"
@@ -243,7 +321,17 @@ def main() -> None:
     )
     parser.add_argument("--results-dir", type=Path, default=Path("/tmp/clbench_cuber_bwt"))
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks/results/cuber_backward_transfer.md")
+    parser.add_argument(
+        "--undo-probe",
+        action="store_true",
+        help="instead of the table: CUBER's move inside the free subspace at task 1, default lam and lam=0 (--table)",
+    )
     args = parser.parse_args()
+    if args.undo_probe:
+        text = undo_probe(args)
+        args.table.write_text(text)
+        print(text)
+        return
     found: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for stream in args.streams:
         for seed in args.seeds:
