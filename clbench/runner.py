@@ -27,6 +27,7 @@ from clbench.l2m import summarize_l2m
 from clbench.lock import RunLock
 from clbench.loggers.base import Logger, RunInfo
 from clbench.loggers.console import ConsoleLogger
+from clbench.pretrain import resolve_checkpoint
 from clbench.results import (
     SCHEMA,
     Provenance,
@@ -124,6 +125,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     built), and the run folder stays locked while the run trains (:mod:`clbench.lock`), released however
     it ends."""
     check_config(cfg)
+    # model.checkpoint=pretrain becomes the cached pretraining file (pretrained first when missing), before the run
+    # seeds anything, so its training is the same with or without the cache
+    resolve_checkpoint(cfg, select_device(str(cfg.device)))
     with contextlib.ExitStack() as cleanup:
         return _run(cfg, cleanup)
 

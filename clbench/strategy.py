@@ -168,11 +168,14 @@ class Strategy:
     # -- training step -------------------------------------------------------------------------------
     def parameters(self, task: Task) -> Sequence[nn.Parameter]:
         """What the optimizer updates for ``task``: the shared body plus this task's head when heads
-        are per task (other tasks' heads stay untouched, weight decay included)."""
+        are per task (other tasks' heads stay untouched, weight decay included). Parameters that
+        ``model.freeze`` fixed (``requires_grad=False``) are left out."""
         assert self.model is not None and self.stream is not None
         if self.stream.scenario == "task":
-            return [*self.model.shared_parameters(), *self.model.heads.heads[task.id].parameters()]
-        return list(self.model.parameters())
+            params = [*self.model.shared_parameters(), *self.model.heads.heads[task.id].parameters()]
+        else:
+            params = list(self.model.parameters())
+        return [p for p in params if p.requires_grad]
 
     def head_ids(self, task_ids: TaskIds) -> TaskIds | None:
         """Which head(s) to use: the task id(s) in the task scenario, the shared head otherwise."""

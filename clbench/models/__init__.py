@@ -5,6 +5,7 @@ from clbench.models.bayesian import BayesConv2d, BayesLinear, GaussianPosterior,
 from clbench.models.heads import ContinualModel, MultiHead, reset_parameters
 from clbench.models.mlp import MLP
 from clbench.models.resnet import ResNet18
+from clbench.models.vit import ViT
 
 __all__ = [
     "MLP",
@@ -15,6 +16,7 @@ __all__ = [
     "GaussianPosterior",
     "MultiHead",
     "ResNet18",
+    "ViT",
     "bayesianize",
     "reset_parameters",
 ]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from clbench.models.heads import ContinualModel, MultiHead
+from clbench.models.pretrained import apply_checkpoint
 
 
 class AlexNet(ContinualModel):
@@ -30,6 +31,8 @@ class AlexNet(ContinualModel):
         hidden: Sequence[int] = (2048, 2048),
         dropout: Sequence[float] = (0.2, 0.5),
         track_running_stats: bool = False,
+        checkpoint: str | None = None,
+        freeze: Sequence[str] = (),
     ) -> None:
         super().__init__()
         in_channels = input_shape[0]
@@ -59,6 +62,7 @@ class AlexNet(ContinualModel):
             width = size
         self.fc = nn.Sequential(*fc)
         self.heads = MultiHead(width, head_sizes, bias=False)
+        apply_checkpoint(self, checkpoint, freeze)
 
     def features(self, x: Tensor) -> Tensor:
         return self.fc(self.conv(x))

@@ -51,6 +51,11 @@ class ContinualModel(nn.Module):
     def forward(self, x: Tensor, task_ids: int | Tensor | None = None) -> Tensor:
         return self.heads(self.features(x), task_ids)
 
+    def adapt_state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A checkpoint's body state in this model's key names (``model.checkpoint``); clbench's own files
+        already use them. A wrapper of another library's network maps that library's names here."""
+        return state
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters outside the heads (what every task shares)."""
         head_ids = {id(p) for p in self.heads.parameters()}

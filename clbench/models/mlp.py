@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from clbench.models.heads import ContinualModel, MultiHead
+from clbench.models.pretrained import apply_checkpoint
 
 
 class MLP(ContinualModel):
@@ -20,6 +21,8 @@ class MLP(ContinualModel):
         head_sizes: Sequence[int],
         hidden: Sequence[int] = (100, 100),
         bias: bool = True,
+        checkpoint: str | None = None,
+        freeze: Sequence[str] = (),
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
@@ -29,6 +32,7 @@ class MLP(ContinualModel):
             width = size
         self.body = nn.Sequential(*layers)
         self.heads = MultiHead(width, head_sizes, bias=bias)
+        apply_checkpoint(self, checkpoint, freeze)
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clbench.models.heads import ContinualModel, MultiHead
+from clbench.models.pretrained import apply_checkpoint
 
 
 class BasicBlock(nn.Module):
@@ -47,6 +48,8 @@ class ResNet18(ContinualModel):
         nf: int = 20,
         stem_stride: int = 1,
         track_running_stats: bool = False,
+        checkpoint: str | None = None,
+        freeze: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(input_shape[0], nf, 3, stride=stem_stride, padding=1, bias=False)
@@ -62,6 +65,7 @@ class ResNet18(ContinualModel):
         with torch.no_grad():
             width = self.features(torch.zeros(2, *input_shape)).shape[1]
         self.heads = MultiHead(width, head_sizes, bias=False)
+        apply_checkpoint(self, checkpoint, freeze)
 
     def features(self, x: Tensor) -> Tensor:
         out = self.layers(F.relu(self.bn1(self.conv1(x))))
