@@ -4,17 +4,28 @@ Two identical commands started together compute the same run folder. Without a l
 into it and overwrite each other's checkpoint and result. The lock is ``fcntl.flock`` on ``<run
 dir>/.lock``: the kernel drops it when the process ends, however it ends (SIGKILL included), so a dead
 holder's lock is simply taken over; the file keeps the holder's pid and host for the message.
+
+Some shared filesystems (NFS without a lock daemon, Lustre or CIFS mounted without flock) refuse ``flock``
+with ``ENOLCK`` / ``ENOSYS`` / ``EOPNOTSUPP``. There the lock falls back to the lock file's existence: it is
+made as a hard link to a file that already holds the holder's pid and host (atomic, NFS included). A file left
+by a dead process of this host is taken over (its pid no longer exists); one left by another host cannot be
+checked from here, so the message names the file to delete once that run is known to be gone. One line on
+stderr says the fallback is in use.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import sys
 from pathlib import Path
 from types import TracebackType
 
 LOCK_NAME = ".lock"
+# flock unsupported by the filesystem (not "held by someone else", which is EWOULDBLOCK)
+NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
 class RunLockedError(RuntimeError):
@@ -28,6 +39,7 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_NAME
         self._handle: int | None = None
+        self._flock = True  # False: the O_EXCL fallback holds the lock
 
     def acquire(self) -> RunLock:
         """Take the lock; a lock file left by a dead process is taken over."""
@@ -38,10 +50,12 @@ class RunLock:
             except BlockingIOError:
                 holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "another process"
                 os.close(handle)
-                raise RunLockedError(
-                    f"{self.path.parent} is in use by {holder}, training the same run: wait for it to end, "
-                    "or give this run another results_dir / run_id"
-                ) from None
+                raise RunLockedError(self._in_use(holder)) from None
+            except OSError as error:
+                os.close(handle)
+                if error.errno not in NO_FLOCK:
+                    raise
+                return self._acquire_exclusive_file()
             # the holder may have removed the file between our open and our lock: lock the file that is there
             try:
                 same = os.fstat(handle).st_ino == os.stat(self.path).st_ino
@@ -52,12 +66,57 @@ class RunLock:
             os.close(handle)
         os.ftruncate(handle, 0)
         os.pwrite(handle, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self._handle = handle
+        self._handle, self._flock = handle, True
+        return self
+
+    def _in_use(self, holder: str) -> str:
+        return (
+            f"{self.path.parent} is in use by {holder}, training the same run: wait for it to end, "
+            "or give this run another results_dir / run_id"
+        )
+
+    def _acquire_exclusive_file(self) -> RunLock:
+        """The fallback where the filesystem has no flock: the file's existence is the lock."""
+        print(f"clbench: {self.path.parent} does not support flock; locking it with a pid file", file=sys.stderr)
+        me = socket.gethostname()
+        mine = f"pid {os.getpid()} on {me}\n"
+        staged = self.path.with_name(f"{LOCK_NAME}.{me}.{os.getpid()}")
+        staged.write_text(mine)
+        try:
+            while True:
+                try:
+                    os.link(staged, self.path)  # atomic, also over NFS: the lock file appears with its holder in it
+                    break
+                except FileExistsError:
+                    pass
+                holder = self.path.read_text(errors="replace").strip() if self.path.exists() else None
+                if holder is None:
+                    continue  # released meanwhile
+                pid, _, host = holder.removeprefix("pid ").partition(" on ")
+                if not holder or (host == me and pid.isdigit() and not _alive(int(pid))):
+                    # empty: only the flock probe's O_CREAT makes one (a holder's file is never empty); or
+                    # left by a dead process of this host
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if host != me:
+                    raise RunLockedError(
+                        f"{self.path.parent} is in use by {holder} (this filesystem has no flock): wait for it "
+                        f"to end, or delete {self.path} if that run is gone"
+                    ) from None
+                raise RunLockedError(self._in_use(holder)) from None
+        finally:
+            staged.unlink(missing_ok=True)
+        self._handle, self._flock = os.open(self.path, os.O_RDONLY), False
         return self
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (in that order, so nobody locks a file about to vanish)."""
         if self._handle is None:
+            return
+        if not self._flock:
+            self.path.unlink(missing_ok=True)
+            os.close(self._handle)
+            self._handle = None
             return
         self.path.unlink(missing_ok=True)
         fcntl.flock(self._handle, fcntl.LOCK_UN)
@@ -71,3 +130,14 @@ class RunLock:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.release()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
+import clbench.lock as lock_module
 from clbench.lock import RunLock, RunLockedError
 
 CLI = [sys.executable, "-m", "clbench"]
@@ -78,3 +81,50 @@ def test_a_second_identical_run_refuses_while_the_first_trains(tmp_path):
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and f"is in use by pid {holder.pid}" in lines[0]
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written into the held folder
+
+
+@pytest.fixture
+def no_flock(monkeypatch):
+    """A filesystem without flock (NFS without a lock daemon): flock fails with ENOLCK, as the kernel says there."""
+
+    def refuse(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", refuse)
+
+
+def test_without_flock_a_pid_file_locks_the_folder_and_is_removed_on_release(tmp_path, no_flock, capsys):
+    with RunLock(tmp_path) as lock:
+        assert lock.path.read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+        with pytest.raises(RunLockedError) as caught:  # we are alive: a second taker is refused
+            RunLock(tmp_path).acquire()
+        assert f"pid {os.getpid()}" in str(caught.value)
+    assert not (tmp_path / ".lock").exists()
+    assert "does not support flock" in capsys.readouterr().err
+
+
+def test_without_flock_a_dead_local_holders_file_is_taken_over(tmp_path, no_flock):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists
+    (tmp_path / ".lock").write_text(f"pid {dead.pid} on {socket.gethostname()}\n")
+    with RunLock(tmp_path) as lock:
+        assert f"pid {os.getpid()}" in lock.path.read_text()
+
+
+def test_without_flock_another_hosts_file_is_refused_naming_the_file_to_delete(tmp_path, no_flock):
+    (tmp_path / ".lock").write_text("pid 4242 on some-other-node\n")
+    with pytest.raises(RunLockedError) as caught:
+        RunLock(tmp_path).acquire()
+    line = str(caught.value)
+    assert "some-other-node" in line and f"delete {tmp_path / '.lock'}" in line and "\n" not in line
+    assert (tmp_path / ".lock").exists()  # not ours to remove
+
+
+def test_other_flock_errors_are_not_mistaken_for_a_missing_flock(tmp_path, monkeypatch):
+    def broken(handle, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", broken)
+    with pytest.raises(OSError) as caught:
+        RunLock(tmp_path).acquire()
+    assert caught.value.errno == errno.EBADF

@@ -77,19 +77,10 @@ BAD_INPUTS = [
     (["strategy=supsup", "stream=split_digits", "stream.scenario=class"], "pick a stream with stream.scenario=task"),
     (["strategy=supsup", "stream=split_digits", "strategy.density=1.5"], "strategy.density must be in (0, 1]"),
     (["stream=split_digits", "trainer.lr=1e30"], "training loss became nan in task 0"),
-    # issue 25: misspelled keys name the nearest valid one
+    # issue 25, through the CLI: a misspelled key (Hydra's own error, reworded) and one typed-schema error. Every
+    # other type, range and key case is checked in-process in tests/test_schema.py (BAD), one subprocess less each.
     (["trainer.epoch=1"], "unknown key trainer.epoch: did you mean trainer.epochs?"),
-    (["+trainer.epoch=1"], "unknown key trainer.epoch: did you mean trainer.epochs?"),
-    (["foo=1"], "unknown key foo"),
-    # wrong types and ranges, all before the first step
     (["trainer.epochs=abc"], "trainer.epochs must be an integer, got 'abc'"),
-    (["seed=1.5"], "seed must be an integer, got 1.5"),
-    (["trainer.batch_size=1.5"], "trainer.batch_size must be an integer, got 1.5"),
-    (["strategy=ewc", "strategy.ewc_lambda=big"], "strategy.ewc_lambda must be a number, got 'big'"),
-    (["stream.train_per_task=0"], "stream.train_per_task must be >= 1, got 0"),
-    (["stream.num_tasks=0"], "stream.num_tasks must be >= 1, got 0"),
-    (["stream.num_tasks=-2"], "stream.num_tasks must be >= 1, got -2"),
-    (["strategy=ewc", "+strategy.ewc_lamda=1"], "did you mean strategy.ewc_lambda?"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["device=cuda"], "no CUDA device is available here: use device=cpu"))
