@@ -275,3 +275,11 @@ def test_bad_control_config_is_one_line_and_exit_2(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "control.checkpoint=" in lines[0] and "is not a file" in lines[0], done.stderr
     assert not list(tmp_path.glob("split_fashion_mnist/*/*/checkpoint.pt"))
+
+
+def test_the_control_set_does_not_change_training(run_tiny, fmnist_checkpoint, tmp_path):
+    """Measured in eval mode without gradients or random draws: R is the same with and without it."""
+    overrides = [*FMNIST_STREAM, "deterministic=true"]
+    plain = run_tiny(overrides, tmp_path / "plain")
+    measured = run_tiny([*overrides, *_control(fmnist_checkpoint)], tmp_path / "measured")
+    assert measured["acc_matrix"] == plain["acc_matrix"] and "control_acc" in measured
