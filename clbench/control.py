@@ -5,8 +5,8 @@ measure how much of a pretrained model's generic knowledge survives a stream by 
 (ImageNet for CLIP) before training and after every task. ``control=<name>`` (``conf/control/``) names one: a
 dataset clbench loads, which of its classes, and a readout that turns the model's features into a prediction:
 
-* ``head``: the control head saved in the pretraining checkpoint (``control.checkpoint``, the contract of
-  :mod:`clbench.pretrain`: keys ``control_head``, ``classes``, ``dataset``) applied to ``model.features(x)``. It
+* ``head``: the control head saved in the pretraining checkpoint (``control.checkpoint``, read by
+  :func:`clbench.pretrain.load_control_head`: the head, its classes, its dataset) applied to ``model.features(x)``. It
   stays fixed, so a change in accuracy is a change in the features the pretraining head reads.
 * ``ncm``: nearest class mean (Rebuffi et al., iCaRL 2017) for a control set without a head: at every evaluation,
   the class means of the L2-normalised features of a fixed sample of the dataset's training images
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from clbench.data.base import ImageDataset
+from clbench.pretrain import load_control_head
 from clbench.schema import ConfigError
 
 if TYPE_CHECKING:
@@ -35,21 +36,6 @@ if TYPE_CHECKING:
 
 READOUTS = ("head", "ncm")
 NCM_SEED = 0  # the NCM sample is the same in every run, so runs compare on the same class means' data
-
-
-def read_control_head(path: str | Path) -> tuple[nn.Linear, list[int], str]:
-    """The control head of a pretraining checkpoint, its classes (original labels, row k = classes[k]) and the
-    name of the dataset it was trained on: :func:`clbench.pretrain.load_control_head`, whose file format is the
-    issue-23 contract."""
-    try:
-        from clbench.pretrain import load_control_head
-    except ImportError:  # TEMPORARY until part A's clbench.pretrain lands: the contract's format read directly
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        weight, bias = saved["control_head"]["weight"], saved["control_head"].get("bias")
-        head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        head.load_state_dict({"weight": weight, **({"bias": bias} if bias is not None else {})})
-        return head, list(saved["classes"]), str(saved["dataset"])
-    return load_control_head(path)
 
 
 @dataclass
@@ -134,7 +120,7 @@ class ControlSet:
                 f"control.checkpoint={self.checkpoint} is not a file: point it at a pretraining checkpoint"
             )
         try:
-            head, head_classes, trained_on = read_control_head(self.checkpoint)
+            head, head_classes, trained_on = load_control_head(self.checkpoint)
         except (KeyError, TypeError, RuntimeError, OSError, ValueError) as error:
             raise ConfigError(
                 f"control.checkpoint={self.checkpoint} holds no control head ({type(error).__name__}: {error}): "
