@@ -3,6 +3,7 @@ Learning", ICLR 2021; official code github.com/sahagobinda/GPM)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -22,6 +23,9 @@ from strategies.gradient_projection.projection import (
     per_layer,
     representation_matrices,
 )
+
+ADAPTIVE_OPTIMIZERS = ("adam", "adamw")
+"""Optimizers whose per-coordinate step scaling moves a projected gradient out of the allowed subspace."""
 
 
 class GPM(Strategy):
@@ -65,6 +69,7 @@ class GPM(Strategy):
         self.projectors: list[Projector | None] = []
         self.rank_log: list[list[int]] = []  # per finished task, each layer's basis rank (memory used)
         self._positions: dict[int, int] = {}  # id(module) -> index in self.layers (see _position)
+        self.warned_optimizer = False  # see check_optimizer
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def setup(self, model: ContinualModel, stream: Stream) -> ContinualModel:
@@ -171,8 +176,23 @@ class GPM(Strategy):
         return [min(1.0, value + self.threshold_increment * task.id) for value in self.thresholds]
 
     def fit_task(self, task: Task, trainer: Trainer) -> None:
+        self.check_optimizer(trainer)
         self.refresh_projectors()
         trainer.fit(self, [task])
+
+    def check_optimizer(self, trainer: Trainer) -> None:
+        """Say once per run, on stderr, that Adam undoes the projection: a step is orthogonal to the old tasks'
+        bases only if it is the projected gradient times a scalar (SGD; momentum sums projected gradients),
+        and Adam divides each coordinate by its own scale. A warning, not an error: the run is still valid,
+        it just no longer tests the method (on exssnet_splitmnist: validation ACC 81 % with Adam, 97 % with SGD)."""
+        if trainer.optimizer in ADAPTIVE_OPTIMIZERS and not self.warned_optimizer:
+            print(
+                f"clbench: warning: {self.name} keeps old tasks' input spaces untouched only with SGD; "
+                f"trainer.optimizer={trainer.optimizer} rescales the projected gradient per coordinate: "
+                "use trainer.optimizer=sgd",
+                file=sys.stderr,
+            )
+            self.warned_optimizer = True
 
     def after_task(self, task: Task) -> None:
         mats = self.representations(task)

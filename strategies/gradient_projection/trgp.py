@@ -88,6 +88,7 @@ class TRGP(GPM):
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def fit_task(self, task: Task, trainer: Trainer) -> None:
+        self.check_optimizer(trainer)
         self.refresh_projectors()
         grads = self.task_gradients(task) if task.id > 0 else None
         self.current_trust = self.select_trust_regions(grads) if grads is not None else [[] for _ in self.layers]

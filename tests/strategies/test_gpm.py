@@ -204,3 +204,21 @@ def test_basis_ranks_are_logged_per_task_and_survive_a_resume(build, name):
     restored.load_state_dict(strategy.state_dict())
     assert restored.rank_log == strategy.rank_log
     assert restored.extra_results()["basis_ranks"] == strategy.rank_log
+
+
+@pytest.mark.parametrize("name", ["gpm", "trgp"])
+def test_adam_gets_one_warning_line_naming_sgd(build, name, capsys):
+    class NoTraining:
+        def __init__(self, optimizer):
+            self.optimizer, self.weight_decay = optimizer, 0.0
+
+        def fit(self, strategy, tasks):
+            pass
+
+    strategy, stream, _ = build(name)
+    strategy.fit_task(stream[0], NoTraining("sgd"))
+    assert capsys.readouterr().err == ""
+    strategy.fit_task(stream[0], NoTraining("adam"))
+    strategy.fit_task(stream[0], NoTraining("adam"))  # once per run, not per task
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].endswith("use trainer.optimizer=sgd"), lines
