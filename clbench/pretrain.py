@@ -108,6 +108,8 @@ def resolve_checkpoint(cfg: DictConfig, device: torch.device | str = "cpu") -> P
     path = checkpoint_path(cfg)
     with _cache_lock(path.parent):
         if not path.is_file():
+            if cfg.get("cpu_threads") is not None:  # as the run will: oversubscribed threads spin on a shared CPU
+                torch.set_num_threads(int(cfg.cpu_threads))
             pretraining = Pretraining.from_config(cfg.pretrain)
             print(
                 f"clbench: pretraining {str(cfg.model._target_).rsplit('.', 1)[-1]} on "
