@@ -24,10 +24,11 @@ What each part implements ("learn task t"):
 - Regime 1 (no sufficient projection): the update is projected out of ``U_j`` (GPM).
 - Regime 2 (sufficient projection, no positive correlation): projected out, plus TRGP's scaled weight
   projection ``W + W U_j (Q_j - I) U_j^T`` with ``Q_j`` learned for the new task (TRGP Eq. 7).
-- Regime 3 (sufficient projection and positive correlation): the scaled weight projection as in regime 2, and
-  the update may also move W inside j's subspace (the first-order argument: a step along ``-g_t`` there lowers
-  task j's loss when the two gradients correlate positively); the loss gains ``lam * ||(W - W_{t-1}) U_j||^2``,
-  which keeps the move small, where the first-order argument holds. Regimes and penalty hold for the task.
+- Regime 3 (sufficient projection and positive correlation): the scaled weight projection as in regime 2 (a
+  CHOICE, below), and the update may also move W inside j's subspace (the first-order argument: a step along
+  ``-g_t`` there lowers task j's loss when the two gradients correlate positively); the loss gains
+  ``lam * ||(W - W_{t-1}) U_j||^2``, which keeps the move small, where the first-order argument holds. Regimes
+  and penalty hold for the whole task.
 
 Where the paper could not be checked or leaves a choice, we chose (CHOICE):
 
@@ -48,6 +49,10 @@ Where the paper could not be checked or leaves a choice, we chose (CHOICE):
   Under SGD it pulls the move back with time constant ``1 / (2 lam lr)`` steps (50 at lr 0.01, lam 1), so the
   move at the end of the task follows the last minibatch gradients; benchmarks/results/
   cuber_backward_transfer_analysis.md measures what that does to regime-3 tasks.
+- CHOICE regime-3 pairs get TRGP's scaled weight projection too (``scale_backward``, default true), as regime 2.
+  The move of W inside ``U_j`` is then learned jointly with the new task's ``Q_j``, while task j is evaluated
+  without that ``Q_j``; with ``scale_backward=false`` ``Q_j`` stays I for regime-3 pairs (an ablation; see
+  benchmarks/results/cuber_backward_transfer_analysis.md).
 - CHOICE an optional safety check, off by default (``recheck_per_epoch``): after every epoch but the last,
   the correlation of each trusted pair is recomputed from ``grad_samples`` examples at the current weights;
   pairs move between regimes 2 and 3 both ways (not absorbing). It needs a fit per epoch, so it refuses
@@ -136,6 +141,7 @@ class CUBER(TRGP):
         task_id_at_test: bool = True,
         protect_scaled_reads: bool = True,
         recheck_per_epoch: bool = False,
+        scale_backward: bool = True,
         skip_first_residual: bool = False,
         third_task_previous_only: bool = False,
     ) -> None:
@@ -159,6 +165,7 @@ class CUBER(TRGP):
         self.lam = lam
         self.protect_scaled_reads = protect_scaled_reads
         self.recheck_per_epoch = recheck_per_epoch
+        self.scale_backward = scale_backward
         self.task_grads: list[list[Tensor]] = []
         self.backward: list[list[int]] = []  # per layer, the old tasks in regime 3 for the current task
         self.free: list[Projector | None] = []  # per layer, the free subspace's projector (None: nothing moves)
@@ -218,11 +225,15 @@ class CUBER(TRGP):
 
     def prepare_pairs(self, trainer: Trainer) -> None:
         """The scaled weight projections the training forward uses: ``W U_j`` frozen where W cannot move
-        inside ``U_j`` (no weight decay, no free subspace in the layer), else read live."""
+        inside ``U_j`` (no weight decay, no free subspace in the layer), else read live. Without
+        ``scale_backward`` a regime-3 pair's ``Q_j`` is not trained (it stays I: no scaled projection)."""
         frozen = self.current_pairs(frozen=trainer.weight_decay == 0)
         self.train_pairs = [
             [(u, q, None) for u, q, _ in pairs] if self.free[i] is not None else pairs for i, pairs in enumerate(frozen)
         ]
+        for i, trusted in enumerate(self.current_trust):
+            for j, q in zip(trusted, self.scales[i], strict=True):
+                q.requires_grad_(self.scale_backward or j not in self.backward[i])
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def fit_task(self, task: Task, trainer: Trainer) -> None:

@@ -239,3 +239,16 @@ def test_first_order_diagnostic_predicts_the_old_tasks_loss_change_from_the_free
     predicted = log["regime3_first_order"][0]["change"]
     assert predicted < 0 and actual < 0  # related permutations: the move is a descent direction for task 0
     assert predicted == pytest.approx(actual, rel=0.15)
+
+
+@pytest.mark.parametrize("scale_backward", [True, False])
+def test_scale_backward_decides_whether_regime_3_pairs_learn_their_scaling(build, scale_backward):
+    cuber, stream, _ = build("cuber", lam=0.0, scale_backward=scale_backward)
+    trainer = train(cuber, stream, [0, 1])
+    force_regimes(cuber, trusted=[0, 1], backward=[1])
+    cuber.fit_task(stream.tasks[2], trainer)
+    assert cuber.regime_log[-1]["regimes"] == [[2, 3], [2, 3], [2, 3]]
+    for layer in cuber.scales:
+        regime2, regime3 = (q.detach() for q in layer)
+        assert not torch.equal(regime2, torch.eye(regime2.shape[0]))  # regime 2 always learns Q
+        assert torch.equal(regime3, torch.eye(regime3.shape[0])) is not scale_backward
