@@ -116,3 +116,14 @@ def test_the_protocol_pretrains_once_then_runs_from_the_cache(run_tiny, tmp_path
     saved = torch.load(path, weights_only=True)
     assert saved["test_accuracy"] > 70  # five Fashion-MNIST classes after one epoch of an MLP
     assert result["control_acc_before"] == pytest.approx(saved["test_accuracy"], abs=0.1)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("pretrain.epochs=0", "pretrain.epochs must be >= 1"), ("pretrain.optimizer=lbfgs", "pretrain.optimizer must be")],
+)
+def test_a_bad_recipe_value_is_caught_by_the_config_check(compose_cfg, tmp_path, override, message):
+    from clbench.schema import check_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_cfg(["protocol=pretrained_fmnist", override], tmp_path))
