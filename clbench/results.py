@@ -163,13 +163,22 @@ RESULT_NEUTRAL_TRAINER_KEYS = (
 would): not part of a run's identity."""
 
 
+MODEL_KEYS_OFF = {"checkpoint": None, "freeze": []}
+"""Model keys added after results were recorded, at the value that leaves the model as it was before they
+existed (nothing loaded, nothing frozen): left out of the identity at that value, so a run keeps its run id
+and its report group (a fine-tune run made before them is still the baseline of one made after)."""
+
+
 def experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a resolved config that change results (not paths, loggers, progress bars or speed-only
     switches): the run id hashes it, and the report groups runs by it (all of it but the seed)."""
     stream = without_paths(config.get("stream", {}))
     trainer = {k: v for k, v in (config.get("trainer") or {}).items() if k not in RESULT_NEUTRAL_TRAINER_KEYS}
-    keys = ("model", "strategy", "seed", "deterministic")
-    return {"stream": stream, "trainer": trainer, **{k: config.get(k) for k in keys}}
+    keys = ("strategy", "seed", "deterministic")
+    model = config.get("model")
+    if isinstance(model, dict):
+        model = {k: v for k, v in model.items() if k not in MODEL_KEYS_OFF or v != MODEL_KEYS_OFF[k]}
+    return {"stream": stream, "trainer": trainer, "model": model, **{k: config.get(k) for k in keys}}
 
 
 def git_state(folder: Path) -> dict[str, Any]:

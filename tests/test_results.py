@@ -112,3 +112,16 @@ def test_resume_rejects_other_values(run_tiny):
 
     with pytest.raises(ConfigError, match=r"resume.*keep"):
         run_tiny([*TWO_SMALL_TASKS, "resume=sometimes"])
+
+
+def test_model_keys_at_their_off_value_leave_the_identity_as_before_they_existed():
+    # What is asserted: a config from before model.checkpoint / model.freeze existed and the same config with
+    # them at "nothing loaded, nothing frozen" have one identity (one run id, one report group: the old
+    # fine-tune runs stay the baseline of new runs); set to anything else, they change it.
+    before = {"stream": {"name": "s"}, "trainer": {"lr": 0.1}, "model": {"hidden": [8]}, "strategy": {}, "seed": 0}
+    after = {**before, "model": {"hidden": [8], "checkpoint": None, "freeze": []}}
+    digest = results.config_digest(results.experiment_identity(before))
+    assert results.config_digest(results.experiment_identity(after)) == digest
+    for key, value in (("checkpoint", "body.pt"), ("freeze", ["body"])):
+        changed = {**before, "model": {**after["model"], key: value}}
+        assert results.config_digest(results.experiment_identity(changed)) != digest
