@@ -19,7 +19,10 @@ Per task (:meth:`SPU.fit_task`):
    mean of ``score``: ``output_norm`` (the code's choice: the squared L2 norm of the model's output, ||f(x)||^2,
    MAS-like and label-free) or ``loss`` (the training cross-entropy). As in the code: the model in train mode;
    the first ``score_batches`` fraction of the task's batches (code: ``score_batch_percentage: 0.25``), continued
-   past it while any candidate's accumulated gradient is still exactly zero (the code's stop rule, < 1e-12).
+   past it while any candidate's accumulated gradient is still exactly zero (the code's stop rule, < 1e-12). Each
+   batch's gradient counts once; the code never zeroes ``.grad`` between its batches and adds the running total
+   each time, which weights batch b of B by (B - b + 1): taken as unintended, since the paper and the project page
+   describe a plain accumulation.
 3. Selection. Per layer, the top ``fraction`` of its weights by score (k = floor(fraction * numel), the code's
    ``selection_rate: 0.1``; per layer, not global, as the code's per-tensor top-k). ``selection: random`` draws k
    weights per layer uniformly instead (the issue's ablation: a random mask of the same size).
