@@ -39,7 +39,10 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ("spu_random", "SPU, random mask of the same size", ["strategy=spu", "strategy.selection=random"]),
     ("head_only", "head only (body frozen)", ["strategy=finetune", "model.freeze=[body]"]),
 ]
-EXTRA = {"spu_buffer_free": ("spu_buffer_free", "SPU, buffer-free", ["strategy=spu", "strategy.buffer_size=0"])}
+EXTRA = {
+    "spu_buffer_free": ("spu_buffer_free", "SPU, buffer-free", ["strategy=spu", "strategy.buffer_size=0"]),
+    "spu_loss_score": ("spu_loss_score", "SPU, scored by the loss", ["strategy=spu", "strategy.score=loss"]),
+}
 COMMON = ["logger=none", "trainer.progress=false", "verbose=false", "cpu_threads=1", "plots=false"]
 
 
