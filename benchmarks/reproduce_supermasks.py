@@ -132,6 +132,14 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
 
+def made_by(results: list[dict]) -> str:
+    """When and by which clbench commit the finished runs were made (each result.json's provenance)."""
+    dates = sorted(r["started_at"][:10] for r in results if "started_at" in r)
+    commits = sorted({r.get("provenance", {}).get("git", {}).get("commit") or "unknown" for r in results})
+    when = f"{dates[0]} to {dates[-1]}" if dates else "on unknown dates"
+    return f"Runs made {when} by clbench commit {', '.join(c[:7] for c in commits) or 'unknown'}."
+
+
 def render(results: dict[str, dict | None], seconds: dict[str, float], total: int) -> str:
     """The markdown report; marked INCOMPLETE unless every planned run completed."""
     done = {k: v for k, v in results.items() if v is not None}
@@ -146,6 +154,8 @@ def render(results: dict[str, dict | None], seconds: dict[str, float], total: in
         "",
         "Command: `OMP_NUM_THREADS=1 python benchmarks/reproduce_supermasks.py`; each run is "
         "`python -m clbench <settings> <run overrides>`.",
+        "",
+        made_by(list(done.values())),
         "",
         f"Settings (scaled for a shared 2-core CPU, one thread per run): `{' '.join(COMMON)}`; "
         f"SupSup / ExSSNeT at `{DENSITY}` (signed-constant weights, uniform density, masks on every layer "

@@ -27,6 +27,8 @@ def write_result(results_dir: Path, label: str, run: str, status: str, acc: floa
         "status": status,
         "metrics": {"acc": acc, "bwt": 0.0, "forgetting": 0.0},
         "timings": {"total_s": 12.0},
+        "started_at": "2026-11-30T11:40:13+00:00",
+        "provenance": {"git": {"commit": "37d0837855cb", "dirty": False}},
     }
     (folder / "result.json").write_text(json.dumps(result))
 
@@ -50,6 +52,7 @@ def test_table_only_writes_the_finished_runs_and_runs_nothing(tmp_path: Path) ->
     assert done.returncode == 0, done.stderr
     text = output.read_text()
     assert "**Status: INCOMPLETE** (1 of 24 runs finished" in text
+    assert "Runs made 2026-11-30 to 2026-11-30 by clbench commit 37d0837." in text
     assert "| supsup | split_fashion_mnist | 0 | 99.00 | 0.0 | 0.0 |" in text
     assert "- supsup|split_fashion_mnist|0: 12" in text
     assert "- wsn|split_fashion_mnist|0: failed" in text
