@@ -433,40 +433,53 @@ def bench_memory(args: argparse.Namespace, work: Path) -> list[str]:
 # -------------------------------------------------------------------------------------------------
 
 AB_CASES = {  # name -> in-process overrides (None: the whole python -m clbench process)
-    "fit s, closed-form steps (default)": [],
-    "fit s, autograd steps (trainer.closed_form=false)": ["trainer.closed_form=false"],
-    "whole process s (logger=none plots=false)": None,
+    "fit, closed-form steps (default)": [],
+    "fit, autograd steps (trainer.closed_form=false)": ["trainer.closed_form=false"],
+    "whole process (logger=none plots=false)": None,
 }
 
 
 def ab_child(args: argparse.Namespace) -> None:
-    """One in-process run of an ``ab`` case, from whichever tree ``PYTHONPATH`` puts first."""
+    """One in-process run of an ``ab`` case, from whichever tree ``PYTHONPATH`` puts first: the training
+    time as the runner records it (wall), and the CPU time this process spent inside ``Trainer.fit``."""
     import clbench
+    from clbench.trainer import Trainer
 
+    fit, cpu = Trainer.fit, [0.0]
+
+    def cpu_timed_fit(self: Trainer, *args: object, **kwargs: object) -> list[float]:
+        tick = time.process_time()
+        try:
+            return fit(self, *args, **kwargs)
+        finally:
+            cpu[0] += time.process_time() - tick
+
+    Trainer.fit = cpu_timed_fit
     result = clbench_in_process(args.seed, args.device, args.work, [*json.loads(args.case), *args.extra])
-    timings = result["timings"]
-    found = {"fit_s": sum(timings["fit_s"]), "acc": result["metrics"]["acc"], "tree": clbench.__file__}
-    print("AB " + json.dumps(found))
+    wall = sum(result["timings"]["fit_s"])
+    print("AB " + json.dumps({"wall": wall, "cpu": cpu[0], "acc": result["metrics"]["acc"], "tree": clbench.__file__}))
 
 
-def ab_measure(args: argparse.Namespace, tree: Path, case: list[str] | None, work: Path) -> tuple[float, float, str]:
-    """One measurement of ``case`` with clbench from ``tree``: seconds, final ACC and the tree imported."""
+def ab_measure(args: argparse.Namespace, tree: Path, case: list[str] | None, work: Path) -> dict:
+    """One measurement of ``case`` with clbench from ``tree``: wall and CPU seconds, final ACC, the tree
+    imported. CPU time counts only this run's own work, so it is far less stretched than wall time by
+    other processes on a loaded machine (with cpu_threads=1 it is one thread's time)."""
     env = dict(os.environ, PYTHONPATH=str(tree), WANDB_SILENT="true")
     if case is None:  # run from the work folder: python -m puts the current folder before PYTHONPATH
         command = [sys.executable, "-m", "clbench", *PROTOCOL, f"seed={args.seed}", f"device={args.device}"]
         command += ["resume=false", "logger=none", "plots=false", f"results_dir={work}", *args.extra]
-        tick = time.perf_counter()
+        usage, tick = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         done = subprocess.run(command, cwd=work, capture_output=True, text=True, env=env)
-        seconds = time.perf_counter() - tick
+        seconds, after = time.perf_counter() - tick, resource.getrusage(resource.RUSAGE_CHILDREN)
         found = re.search(r"ACC ([\d.]+)% \|", done.stdout + done.stderr)
         if done.returncode != 0 or found is None:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-        return seconds, float(found.group(1)), str(tree)
+        cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+        return {"wall": seconds, "cpu": cpu, "acc": float(found.group(1)), "tree": str(tree)}
     command = [sys.executable, __file__, "ab-child", "--case", json.dumps(case), "--work", str(work)]
     command += ["--seed", str(args.seed), "--device", args.device, *(f"--extra={e}" for e in args.extra)]
     _, text = timed(command, env)
-    found = json.loads(text.split("AB ", 1)[1].splitlines()[0])
-    return found["fit_s"], found["acc"], found["tree"]
+    return json.loads(text.split("AB ", 1)[1].splitlines()[0])
 
 
 def bench_ab(args: argparse.Namespace, work: Path) -> list[str]:
@@ -480,30 +493,34 @@ def bench_ab(args: argparse.Namespace, work: Path) -> list[str]:
             raise RuntimeError(f"PYTHONPATH={tree} imports clbench from {imported}: not the tree asked for")
         print(f"{label}: {tree} (git {git_head(tree)}) imports {imported}", flush=True)
     load_before = os.getloadavg()
-    lines = section("A/B: two source trees, interleaved", ["case", "repeat", "order", "old", "new", "ACC old / new"])
-    measured: dict[str, dict[str, list[float]]] = {case: {label: [] for label in labels} for case in AB_CASES}
+    columns = ["case", "repeat", "order", "old wall", "new wall", "old CPU", "new CPU", "ACC old / new"]
+    lines = section("Every measurement, in the order run (seconds)", columns)
+    measured: dict[str, dict[str, list[dict]]] = {case: {label: [] for label in labels} for case in AB_CASES}
     for repeat in range(args.repeats):
         order = labels if repeat % 2 == 0 else labels[::-1]
         for case, overrides in AB_CASES.items():
-            got = {}
             for label in order:
                 tree = trees[labels.index(label)]
                 folder = work / "ab" / label
                 folder.mkdir(parents=True, exist_ok=True)
-                seconds, acc, imported = ab_measure(args, tree, overrides, folder)
-                assert imported.startswith(str(tree)), f"{label} ran clbench from {imported}"
-                measured[case][label].append(seconds)
-                got[label] = (seconds, acc)
-            accs = f"{got['old'][1]:.2f} / {got['new'][1]:.2f}"
+                got = ab_measure(args, tree, overrides, folder)
+                assert got["tree"].startswith(str(tree)), f"{label} ran clbench from {got['tree']}"
+                measured[case][label].append(got)
+            old, new = measured[case]["old"][-1], measured[case]["new"][-1]
             lines.append(
-                f"| {case} | {repeat} | {'-'.join(order)} | {got['old'][0]:.3f} | {got['new'][0]:.3f} | {accs} |"
+                f"| {case} | {repeat} | {'-'.join(order)} | {old['wall']:.3f} | {new['wall']:.3f} | "
+                f"{old['cpu']:.3f} | {new['cpu']:.3f} | {old['acc']:.2f} / {new['acc']:.2f} |"
             )
             print(lines[-1], flush=True)
     load_after = os.getloadavg()
-    summary = section(f"Medians over {args.repeats} repeats", ["case", "old", "new", "new / old"])
-    for case, times in measured.items():
-        old, new = median(times["old"]), median(times["new"])
-        summary.append(f"| {case} | {old:.3f} | {new:.3f} | {new / old:.3f}x |")
+    columns = ["case", "old wall", "new wall", "new / old", "old CPU", "new CPU", "new / old"]
+    summary = section(f"Medians over {args.repeats} repeats (seconds)", columns)
+    for case, runs in measured.items():
+        cells = []
+        for kind in ("wall", "cpu"):
+            old, new = (median([run[kind] for run in runs[label]]) for label in labels)
+            cells += [f"{old:.3f}", f"{new:.3f}", f"{new / old:.3f}x"]
+        summary.append(f"| {case} | " + " | ".join(cells) + " |")
     loads = ", ".join(f"{v:.2f}" for v in load_before), ", ".join(f"{v:.2f}" for v in load_after)
     head = [
         f"Trees: old `{trees[0]}` (git {git_head(trees[0])}), new `{trees[1]}` (git {git_head(trees[1])}).",
