@@ -143,7 +143,7 @@ class Avalanche(Strategy):
             )
         if self.template is None:
             self.template = self.build_template(trainer)
-        experience = to_avalanche(dataclasses.replace(self.stream, tasks=[task])).train_stream[0]
+        experience = to_avalanche(dataclasses.replace(self.stream, tasks=[task]), splits=("train",)).train_stream[0]
         experience.current_experience = task.id
         self.template.train(experience, num_workers=0)
         # the template keeps the experience's dataset; drop it so memory stays one task's worth

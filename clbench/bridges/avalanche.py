@@ -169,7 +169,7 @@ def _model_inputs(stream: Stream, split: str, index: Tensor, task_id: int, batch
     return torch.cat(chunks) if chunks else torch.empty(0, *stream.input_shape)
 
 
-def to_avalanche(stream: Stream, batch_size: int = 4096) -> Any:
+def to_avalanche(stream: Stream, batch_size: int = 4096, splits: Sequence[str] = ("train", "test", "valid")) -> Any:
     """An Avalanche benchmark (``CLScenario``) with one experience per clbench task.
 
     Inputs are ``stream.inputs(...)`` (task transform and normalisation applied), targets the stream's
@@ -177,17 +177,29 @@ def to_avalanche(stream: Stream, batch_size: int = 4096) -> Any:
     exactly what clbench's strategies see. Streams: ``train_stream``, ``test_stream``, and
     ``valid_stream`` when any task holds out validation samples; experiences carry ``task_label`` and
     Avalanche's class timeline (``classes_in_this_experience`` ...).
+
+    ``splits`` names the streams to build; one whose tasks hold no samples at all is left out (SCoLe's tasks
+    have no test split of their own: the stream evaluates on one held-out set, ``stream.evaluation_tasks``, and
+    Avalanche cannot label the tasks of an empty dataset). Training one task needs ``splits=("train",)`` only.
     """
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
     from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
     from avalanche.benchmarks.scenarios.task_aware import with_task_labels
     from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
 
-    splits = [("train", "train", "train_index", "train_targets"), ("test", "test", "test_index", "test_targets")]
-    if any(task.val_index.numel() for task in stream):
-        splits.append(("valid", "train", "val_index", "val_targets"))
+    fields = {
+        "train": ("train", "train_index", "train_targets"),
+        "test": ("test", "test_index", "test_targets"),
+        "valid": ("train", "val_index", "val_targets"),
+    }
+    unknown = sorted(set(splits) - set(fields))
+    if unknown:
+        raise ValueError(f"to_avalanche: unknown splits {unknown}; choose from {sorted(fields)}")
     datasets: dict[str, list[Any]] = {}
-    for stream_name, pool, index_field, targets_field in splits:
+    for stream_name in splits:
+        pool, index_field, targets_field = fields[stream_name]
+        if not any(getattr(task, index_field).numel() for task in stream):
+            continue
         datasets[stream_name] = [
             _make_taskaware_tensor_classification_dataset(
                 _model_inputs(stream, pool, getattr(task, index_field), task.id, batch_size),

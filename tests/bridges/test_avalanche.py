@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 
@@ -212,3 +213,16 @@ def test_metrics_agree_with_avalanche_on_the_same_run() -> None:
     for j in range(1, num_tasks):
         key = f"ExperienceForwardTransfer/eval_phase/test_stream/Task{j:03d}/Exp{j:03d}"
         assert 100.0 * results[key] == pytest.approx(fwt_matrix[j - 1, j])
+
+
+def test_to_avalanche_builds_the_splits_asked_for_and_leaves_out_empty_ones() -> None:
+    stream = _streams()["split-task"]
+    no_test = dataclasses.replace(
+        stream, tasks=[dataclasses.replace(t, test_index=t.test_index[:0]) for t in stream.tasks]
+    )
+    benchmark = to_avalanche(no_test)
+    assert hasattr(benchmark, "train_stream") and not hasattr(benchmark, "test_stream")
+    only_train = to_avalanche(stream, splits=("train",))
+    assert len(only_train.train_stream) == 5 and not hasattr(only_train, "test_stream")
+    with pytest.raises(ValueError, match="unknown splits"):
+        to_avalanche(stream, splits=("tset",))

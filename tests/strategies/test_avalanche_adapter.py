@@ -64,3 +64,11 @@ def test_template_without_target_is_a_config_error():
 
     with pytest.raises(ValueError, match="_target_"):
         Avalanche(template={"ewc_lambda": 1})
+
+
+def test_runs_on_a_stream_whose_tasks_have_no_test_split(run_tiny):
+    """SCoLe's tasks hold no test samples (one held-out evaluation set): the bridge's empty test experiences
+    made Avalanche fail with a bare IndexError in every SCoLe sweep."""
+    result = run_tiny(["protocol=scole_mnist5k", "strategy=avalanche", "stream.num_tasks=3"])
+    assert result["status"] == "completed"
+    assert len(result["acc_matrix"]) == 3 and all(len(row) == 1 for row in result["acc_matrix"])
