@@ -169,6 +169,19 @@ existed (nothing loaded, nothing frozen): left out of the identity at that value
 and its report group (a fine-tune run made before them is still the baseline of one made after)."""
 
 
+PRETRAIN_CACHE = ("_pretrained", "checkpoint.pt")  # <results_dir>/_pretrained/<hash>/checkpoint.pt (clbench.pretrain)
+
+
+def pretrain_cache_identity(checkpoint: str) -> str:
+    """``pretrain:<hash>`` for a checkpoint in the pretraining cache, whichever results_dir holds it (the hash is
+    the recipe's and the architecture's); any other path as given. Without this, the same run under another
+    results_dir got another run id and another report group."""
+    path = Path(checkpoint)
+    if len(path.parts) >= 3 and (path.parts[-3], path.name) == PRETRAIN_CACHE:
+        return f"pretrain:{path.parts[-2]}"
+    return checkpoint
+
+
 def experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a resolved config that change results (not paths, loggers, progress bars or speed-only
     switches): the run id hashes it, and the report groups runs by it (all of it but the seed)."""
@@ -178,6 +191,8 @@ def experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
     model = config.get("model")
     if isinstance(model, dict):
         model = {k: v for k, v in model.items() if k not in MODEL_KEYS_OFF or v != MODEL_KEYS_OFF[k]}
+        if isinstance(model.get("checkpoint"), str):
+            model["checkpoint"] = pretrain_cache_identity(model["checkpoint"])
     return {"stream": stream, "trainer": trainer, "model": model, **{k: config.get(k) for k in keys}}
 
 

@@ -125,3 +125,18 @@ def test_model_keys_at_their_off_value_leave_the_identity_as_before_they_existed
     for key, value in (("checkpoint", "body.pt"), ("freeze", ["body"])):
         changed = {**before, "model": {**after["model"], key: value}}
         assert results.config_digest(results.experiment_identity(changed)) != digest
+
+
+def test_a_pretrain_cache_checkpoint_is_identified_by_its_hash_not_by_the_results_dir():
+    from clbench.pretrain import CACHE_FOLDER, CHECKPOINT_NAME
+
+    def config(checkpoint: str) -> dict:
+        return {"stream": {"name": "s"}, "trainer": {}, "model": {"checkpoint": checkpoint}, "strategy": {}, "seed": 0}
+
+    here, there = (f"{root}/{CACHE_FOLDER}/ab12cd/{CHECKPOINT_NAME}" for root in ("results", "/scratch/me/results"))
+    identity = results.experiment_identity(config(here))
+    assert identity["model"]["checkpoint"] == "pretrain:ab12cd"
+    assert results.config_digest(identity) == results.config_digest(results.experiment_identity(config(there)))
+    other_recipe = f"results/{CACHE_FOLDER}/ef34ab/{CHECKPOINT_NAME}"
+    assert results.experiment_identity(config(other_recipe))["model"]["checkpoint"] == "pretrain:ef34ab"
+    assert results.experiment_identity(config("/data/body.pt"))["model"]["checkpoint"] == "/data/body.pt"
