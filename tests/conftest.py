@@ -79,3 +79,26 @@ def readme_strategy(tmp_path) -> Path:
     (folder / "conf" / "strategy").mkdir(parents=True)
     (folder / "conf" / "strategy" / "l2_prev.yaml").write_text(readme_block("# conf/strategy/l2_prev.yaml"))
     return folder
+
+
+@pytest.fixture
+def interrupt_after_first_checkpoint(monkeypatch):
+    """``with interrupt_after_first_checkpoint(): run_tiny(...)``: Ctrl-C right after task 0's checkpoint is on
+    disk (deterministic, unlike a timed signal); the run raises RunInterrupted, and the patch ends with the block."""
+    import contextlib
+
+    from clbench import runner
+
+    save = runner.atomic_torch_save
+
+    def save_then_interrupt(obj, path):
+        save(obj, path)
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def interrupting():
+        with monkeypatch.context() as patch:
+            patch.setattr(runner, "atomic_torch_save", save_then_interrupt)
+            yield
+
+    return interrupting

@@ -195,22 +195,13 @@ def test_no_control_set_leaves_result_json_as_before(run_tiny, tmp_path):
     assert "control_change" not in result["metrics"]
 
 
-def test_resumed_run_keeps_the_control_values(run_tiny, fmnist_checkpoint, tmp_path, monkeypatch):
-    from clbench import runner
+def test_resumed_run_keeps_the_control_values(run_tiny, fmnist_checkpoint, tmp_path, interrupt_after_first_checkpoint):
     from clbench.runner import RunInterrupted
 
     overrides = [*FMNIST_STREAM, *_control(fmnist_checkpoint), "deterministic=true"]
     clean = run_tiny(overrides, tmp_path / "clean")
-    save = runner.atomic_torch_save
-
-    def save_then_interrupt(obj, path):
-        save(obj, path)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(runner, "atomic_torch_save", save_then_interrupt)
-        with pytest.raises(RunInterrupted):
-            run_tiny(overrides, tmp_path / "killed")
+    with interrupt_after_first_checkpoint(), pytest.raises(RunInterrupted):
+        run_tiny(overrides, tmp_path / "killed")
     resumed = run_tiny(overrides, tmp_path / "killed")
     assert resumed["control_acc_before"] == clean["control_acc_before"]
     assert resumed["control_acc"] == clean["control_acc"]

@@ -217,29 +217,15 @@ def test_extra_results_clash_is_caught_before_training(run_tiny, tmp_path, monke
     assert fitted == []
 
 
-def _interrupt_after_first_checkpoint(monkeypatch) -> None:
-    """Ctrl-C right after task 0's checkpoint is on disk (deterministic, unlike a timed signal)."""
-    from clbench import runner
-
-    save = runner.atomic_torch_save
-
-    def save_then_interrupt(obj, path):
-        save(obj, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(runner, "atomic_torch_save", save_then_interrupt)
-
-
-def test_resumed_run_continues_the_same_wandb_run(run_tiny, tmp_path, monkeypatch):
+def test_resumed_run_continues_the_same_wandb_run(run_tiny, tmp_path, interrupt_after_first_checkpoint):
     """Each offline W&B run of a resumed run carries the run id kept in the checkpoint, so `wandb sync`
     uploads one run instead of one per attempt."""
     from clbench.runner import RunInterrupted
 
     overrides = ["stream=split_digits", "stream.num_tasks=3", "logger=wandb", "logger.mode=offline"]
-    with monkeypatch.context() as patch:
-        _interrupt_after_first_checkpoint(patch)
-        with pytest.raises(RunInterrupted, match="interrupted during task 0; rerun the same command to resume"):
-            run_tiny(overrides, tmp_path)
+    interrupted = "interrupted during task 0; rerun the same command to resume"
+    with interrupt_after_first_checkpoint(), pytest.raises(RunInterrupted, match=interrupted):
+        run_tiny(overrides, tmp_path)
     result = run_tiny(overrides, tmp_path)
     assert result["status"] == "completed"
     offline = sorted((Path(result["paths"]["run_dir"]) / "wandb").glob("offline-run-*"))

@@ -148,8 +148,7 @@ def test_state_dict_round_trip_keeps_buffer_and_masks():
     assert fresh.selected == strategy.selected
 
 
-def test_resumed_run_matches_the_uninterrupted_one(run_tiny, tmp_path, monkeypatch):
-    from clbench import runner
+def test_resumed_run_matches_the_uninterrupted_one(run_tiny, tmp_path, interrupt_after_first_checkpoint):
     from clbench.runner import RunInterrupted
 
     overrides = [
@@ -162,16 +161,8 @@ def test_resumed_run_matches_the_uninterrupted_one(run_tiny, tmp_path, monkeypat
         "deterministic=true",
     ]
     clean = run_tiny(overrides, tmp_path / "clean")
-    save = runner.atomic_torch_save
-
-    def save_then_interrupt(obj, path):
-        save(obj, path)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(runner, "atomic_torch_save", save_then_interrupt)
-        with pytest.raises(RunInterrupted):
-            run_tiny(overrides, tmp_path / "killed")
+    with interrupt_after_first_checkpoint(), pytest.raises(RunInterrupted):
+        run_tiny(overrides, tmp_path / "killed")
     resumed = run_tiny(overrides, tmp_path / "killed")
     assert resumed["acc_matrix"] == clean["acc_matrix"]
     assert resumed["spu"]["per_task"] == clean["spu"]["per_task"]
