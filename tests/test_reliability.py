@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -229,7 +230,9 @@ def test_resumed_run_continues_the_same_wandb_run(run_tiny, tmp_path, interrupt_
     result = run_tiny(overrides, tmp_path)
     assert result["status"] == "completed"
     offline = sorted((Path(result["paths"]["run_dir"]) / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2 and len({path.name.rsplit("-", 1)[1] for path in offline}) == 1
+    # offline-run-<date>_<time>-<run id>, and W&B appends -1 when both attempts start within the same second
+    run_ids = {re.fullmatch(r"offline-run-\d{8}_\d{6}-([^-]+)(?:-\d+)?", path.name).group(1) for path in offline}
+    assert len(offline) == 2 and len(run_ids) == 1, [path.name for path in offline]
 
 
 def test_an_interrupted_logger_finish_never_leaves_the_result_completed(run_tiny, tmp_path, monkeypatch):
