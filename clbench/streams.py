@@ -191,6 +191,14 @@ class Stream:
         x = x.float() if out is None else out.copy_(x)
         return x.mul_(scale[task_ids].view(shape)).sub_(shift[task_ids].view(shape))
 
+    def train_batches(self, task: Task, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """A task's training inputs and targets in order, in consecutive batches of ``batch_size`` (no shuffle):
+        what importance estimates (EWC's Fisher, MAS, SPU's score) read in one pass over the task."""
+        for positions, targets in zip(
+            task.train_index.split(batch_size), task.train_targets.split(batch_size), strict=True
+        ):
+            yield self.inputs("train", positions, task.id), targets
+
     @cached_property
     def evaluation_plan(self) -> EvaluationPlan:
         """All evaluation sets concatenated, for one batched pass per row of R. Derived once per stream (and

@@ -152,10 +152,7 @@ class QuadraticRegularizer(Strategy):
     def task_batches(self, task: Task) -> Iterator[tuple[Tensor, Tensor]]:
         """The task's training inputs and targets in consecutive device batches (no shuffling needed)."""
         assert self.stream is not None
-        for positions, targets in zip(
-            task.train_index.split(self._batch_size), task.train_targets.split(self._batch_size), strict=True
-        ):
-            yield self.stream.inputs("train", positions, task.id), targets
+        return self.stream.train_batches(task, self._batch_size)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -52,7 +52,7 @@ may be left alone later; ``kept_bytes`` counts the buffer as indices (the images
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import torch
@@ -264,6 +264,8 @@ class SPU(Strategy):
     def extra_results(self) -> dict[str, Any]:
         assert self.model is not None
         candidates = sum(layer.weight.numel() for layer in self._candidates.values())
+        # per layer floor(fraction * numel), as top_fraction_mask and random_mask select (not floor of the sum)
+        selected = sum(int(layer.weight.numel() * self.fraction) for layer in self._candidates.values())
         biases = sum(
             layer.bias.numel() for layer in self._candidates.values() if self.update_bias and layer.bias is not None
         )
@@ -275,8 +277,8 @@ class SPU(Strategy):
                 "selection": self.selection,
                 "score": self.score,
                 "candidate_weights": candidates,
-                "selected_weights_per_task": int(candidates * self.fraction),
-                "trained_fraction_of_model": (int(candidates * self.fraction) + biases + heads) / total,
+                "selected_weights_per_task": selected,
+                "trained_fraction_of_model": (selected + biases + heads) / total,
                 "per_task": self.selected,
                 "buffer_size": int(self.buffer_index.numel()),
             }
@@ -303,15 +305,6 @@ class SPU(Strategy):
         return sum(t.numel() * t.element_size() for t in (*buffer, *self.masks.values()))
 
 
-def task_batches(strategy: SPU, task: Task, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """The task's training inputs and targets, in order, in batches of ``batch_size``."""
-    assert strategy.stream is not None
-    for positions, targets in zip(
-        task.train_index.split(batch_size), task.train_targets.split(batch_size), strict=True
-    ):
-        yield strategy.stream.inputs("train", positions, task.id), targets
-
-
 def gradient_scores(strategy: SPU, task: Task, batch_size: int) -> dict[str, Tensor]:
     """Per localised layer, s = |sum over batches of the gradient of the batch-mean score loss| on ``task``'s
     training data (module docstring, step 2): the first ``score_batches`` of the batches, then on while any entry's
@@ -324,7 +317,7 @@ def gradient_scores(strategy: SPU, task: Task, batch_size: int) -> dict[str, Ten
     enough = max(1, math.ceil(strategy.score_batches * num_batches))
     was_training = model.training
     model.train()
-    for count, (x, y) in enumerate(task_batches(strategy, task, batch_size), start=1):
+    for count, (x, y) in enumerate(strategy.stream.train_batches(task, batch_size), start=1):
         output = model(x, strategy.head_ids(task.id))
         loss = output.pow(2).sum(dim=1).mean() if strategy.score == "output_norm" else F.cross_entropy(output, y)
         grads = torch.autograd.grad(loss, list(weights.values()))

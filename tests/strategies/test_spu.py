@@ -54,6 +54,8 @@ def test_each_layer_selects_its_fraction(fraction):
     for name, mask in strategy.masks.items():
         assert int(mask.sum()) == int(mask.numel() * fraction), name
     assert strategy.selected[0]["selected_fraction"] == pytest.approx(fraction, abs=1e-3)
+    selected = sum(int(mask.sum()) for mask in strategy.masks.values())
+    assert strategy.extra_results()["spu"]["selected_weights_per_task"] == selected
 
 
 def test_score_is_the_magnitude_of_the_summed_signed_gradient():
