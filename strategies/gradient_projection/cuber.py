@@ -237,6 +237,7 @@ class CUBER(TRGP):
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def fit_task(self, task: Task, trainer: Trainer) -> None:
+        self.check_optimizer(trainer)  # TRGP's fit_task, which this replaces, says it; CUBER projects the same way
         if self.recheck_per_epoch and trainer.validates:
             raise ValueError(
                 "strategy.recheck_per_epoch needs one fit per epoch and cannot run with trainer.lr_patience / "

@@ -222,3 +222,15 @@ def test_adam_gets_one_warning_line_naming_sgd(build, name, capsys):
     strategy.fit_task(stream[0], NoTraining("adam"))  # once per run, not per task
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].endswith("use trainer.optimizer=sgd"), lines
+
+
+def test_cuber_with_adam_gets_the_same_one_line_warning(build, capsys):
+    """CUBER replaces TRGP's fit_task and had dropped the optimizer check: Adam ran without a word."""
+    from clbench.trainer import Trainer
+
+    strategy, stream, _ = build("cuber")
+    trainer = Trainer(epochs=1, batch_size=64, optimizer="adam", lr=1e-3, progress=False)
+    trainer.attach(stream, 0)
+    strategy.fit_task(stream[0], trainer)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(lines) == 1 and lines[0].endswith("use trainer.optimizer=sgd"), lines
