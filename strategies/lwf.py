@@ -64,7 +64,7 @@ class LwF(Strategy):
         self.temperature = float(temperature)
         self.cross_entropy = cross_entropy
         # class scenario, cross_entropy="own": True for the output units of the task being trained
-        self.own_units: Tensor | None = None
+        self.other_units: Tensor | None = None  # class scenario, cross_entropy=own: units outside the task
         self.old_model: ContinualModel | None = None
         self.old_tasks: list[int] = []
         self.seen_units: Tensor | None = None
@@ -84,13 +84,13 @@ class LwF(Strategy):
     def fit_task(self, task: Task, trainer: Trainer) -> None:
         assert self.stream is not None
         if self.stream.scenario == "class" and self.cross_entropy == "own":
-            self.own_units = torch.zeros(self.stream.head_sizes[0], dtype=torch.bool, device=self.stream.device)
-            self.own_units[torch.unique(task.train_targets)] = True
+            self.other_units = torch.ones(self.stream.head_sizes[0], dtype=torch.bool, device=self.stream.device)
+            self.other_units[torch.unique(task.train_targets)] = False  # once per task, not inverted per step
         super().fit_task(task, trainer)
 
     def loss(self, output: Tensor, y: Tensor, batch: Batch, task: Task) -> Tensor:
         # other tasks' units get probability 0 in the new task's softmax, and so no gradient from it
-        logits = output if self.own_units is None else output.masked_fill(~self.own_units, float("-inf"))
+        logits = output if self.other_units is None else output.masked_fill(self.other_units, float("-inf"))
         loss = F.cross_entropy(logits, y)
         if self.old_model is None or self.alpha == 0:
             return loss
