@@ -205,6 +205,14 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     accuracy_curves: list[list[list[float]]] = []
     first_task = 0
     started = time.perf_counter()
+
+    def evaluate_rows() -> tuple[np.ndarray, np.ndarray | None]:
+        """R's row for the model as it is now, and in the class scenario its task-aware twin (one pass for both)."""
+        if task_aware:
+            agnostic, aware = trainer.evaluator.rows_with_task_aware(strategy, give_task_id)
+            return np.asarray(agnostic), np.asarray(aware)
+        return np.asarray(trainer.evaluate(strategy, give_task_id)), None
+
     if resume and checkpoint_path.exists():
         checkpoint = load_checkpoint(checkpoint_path, device)
         strategy.load_state_dict(checkpoint["strategy"])
@@ -229,11 +237,9 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         print(f"clbench: resuming {run_dir} after task {first_task - 1}")
     else:
         tick = time.perf_counter()
-        if task_aware:
-            agnostic, aware = trainer.evaluator.rows_with_task_aware(strategy, give_task_id)
-            random_init_acc, random_init_taw = np.asarray(agnostic), np.asarray(aware)
-        else:
-            random_init_acc = np.asarray(trainer.evaluate(strategy, give_task_id))
+        random_init_acc, aware = evaluate_rows()
+        if aware is not None:
+            random_init_taw = aware
         control.measure(strategy, None)
         random_init_eval_s = time.perf_counter() - tick
 
@@ -322,12 +328,9 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             learning_curves.append(trainer.epoch_losses[curves_before:])
             accuracy_curves.append(trainer.epoch_accuracies[curves_before:])
             tick = time.perf_counter()
-            if task_aware:  # both rows from one pass
-                acc_matrix[task.id], acc_matrix_taw[task.id] = trainer.evaluator.rows_with_task_aware(
-                    strategy, give_task_id
-                )
-            else:
-                acc_matrix[task.id] = trainer.evaluate(strategy, give_task_id)
+            acc_matrix[task.id], aware = evaluate_rows()
+            if aware is not None:
+                acc_matrix_taw[task.id] = aware
             if not stream.square:
                 class_acc.append(
                     trainer.class_accuracy(strategy, stream.evaluation_tasks[0], stream.num_classes, give_task_id)
