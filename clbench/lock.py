@@ -43,6 +43,8 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock; a lock file left by a dead process is taken over."""
+        if not _flock_works(self.path.parent):
+            return self._acquire_exclusive_file()
         while True:
             handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
@@ -51,11 +53,9 @@ class RunLock:
                 holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "another process"
                 os.close(handle)
                 raise RunLockedError(self._in_use(holder)) from None
-            except OSError as error:
+            except OSError:
                 os.close(handle)
-                if error.errno not in NO_FLOCK:
-                    raise
-                return self._acquire_exclusive_file()
+                raise
             # the holder may have removed the file between our open and our lock: lock the file that is there
             try:
                 same = os.fstat(handle).st_ino == os.stat(self.path).st_ino
@@ -89,13 +89,14 @@ class RunLock:
                     break
                 except FileExistsError:
                     pass
-                holder = self.path.read_text(errors="replace").strip() if self.path.exists() else None
-                if holder is None:
+                try:
+                    holder = self.path.read_text(errors="replace").strip()
+                except FileNotFoundError:
                     continue  # released meanwhile
                 pid, _, host = holder.removeprefix("pid ").partition(" on ")
                 if not holder or (host == me and pid.isdigit() and not _alive(int(pid))):
-                    # empty: only the flock probe's O_CREAT makes one (a holder's file is never empty); or
-                    # left by a dead process of this host
+                    # empty: never a live lock (a holder's file appears with its content, and flock is probed on
+                    # the folder, not by creating this file); or left by a dead process of this host
                     self.path.unlink(missing_ok=True)
                     continue
                 if host != me:
@@ -130,6 +131,25 @@ class RunLock:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.release()
+
+
+def _flock_works(folder: Path) -> bool:
+    """Whether the filesystem under ``folder`` supports flock, probed on the folder itself: probing by opening
+    the lock file would create an empty one, which a fallback taker could not tell from a stale file (two runs
+    could then both hold the lock)."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True  # someone holds the folder exclusively: flock works
+    except OSError as error:
+        if error.errno in NO_FLOCK:
+            return False
+        raise
+    finally:
+        os.close(handle)
+    return True
 
 
 def _alive(pid: int) -> bool:
