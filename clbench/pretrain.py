@@ -34,6 +34,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from clbench.lock import NO_FLOCK
 from clbench.models.pretrained import PRETRAIN_TOKEN, body_state_dict
 from clbench.optim import torch_optimizer
 from clbench.results import atomic_torch_save, config_digest, without_paths
@@ -130,10 +131,18 @@ def _dataset_name(pretraining: Pretraining) -> str:
 
 @contextlib.contextmanager
 def _cache_lock(folder: Path) -> Iterator[None]:
-    """Hold ``folder``'s lock (waiting for it): two jobs that miss the same cache pretrain once."""
+    """Hold ``folder``'s lock (waiting for it): two jobs that miss the same cache pretrain once. Where the
+    filesystem has no flock (clbench.lock.NO_FLOCK) it goes on unlocked: the checkpoint is written atomically,
+    so the worst case is two jobs pretraining the same file."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK_NAME, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in NO_FLOCK:
+                raise
+            yield
+            return
         try:
             yield
         finally:

@@ -127,3 +127,26 @@ def test_a_bad_recipe_value_is_caught_by_the_config_check(compose_cfg, tmp_path,
 
     with pytest.raises(ConfigError, match=message):
         check_config(compose_cfg(["protocol=pretrained_fmnist", override], tmp_path))
+
+
+def test_the_cache_lock_goes_on_unlocked_where_the_filesystem_has_no_flock(tmp_path, monkeypatch):
+    """On NFS without a lock daemon flock raises ENOLCK: every model.checkpoint=pretrain run died there."""
+    import errno
+
+    from clbench import pretrain
+
+    def refuse(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(pretrain.fcntl, "flock", refuse)
+    entered = []
+    with pretrain._cache_lock(tmp_path / "cache"):
+        entered.append(True)
+    assert entered == [True]
+
+    def broken(handle, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(pretrain.fcntl, "flock", broken)
+    with pytest.raises(OSError), pretrain._cache_lock(tmp_path / "cache"):
+        pass
