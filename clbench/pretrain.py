@@ -37,15 +37,21 @@ from torch import nn
 from clbench.lock import NO_FLOCK
 from clbench.models.pretrained import PRETRAIN_TOKEN, body_state_dict
 from clbench.optim import torch_optimizer
-from clbench.results import atomic_torch_save, config_digest, without_paths
+from clbench.results import (
+    MODEL_KEYS_OFF,
+    PRETRAIN_CHECKPOINT,
+    PRETRAIN_FOLDER,
+    atomic_torch_save,
+    config_digest,
+    without_paths,
+)
 from clbench.schema import AtLeast, ConfigError, NonNegative, Positive, PositiveInt
 from clbench.streams import Stream, split_stream
 
-CACHE_FOLDER = "_pretrained"  # under results_dir
-CHECKPOINT_NAME = "checkpoint.pt"
+CACHE_FOLDER, CHECKPOINT_NAME = PRETRAIN_FOLDER, PRETRAIN_CHECKPOINT  # defined once, where run identity reads them
 LOCK_NAME = ".lock"
 # model keys that say where the weights come from, not what the network is: left out of the cache's hash
-LOADING_KEYS = ("checkpoint", "freeze")
+LOADING_KEYS = tuple(MODEL_KEYS_OFF)
 
 
 @dataclass

@@ -169,7 +169,8 @@ existed (nothing loaded, nothing frozen): left out of the identity at that value
 and its report group (a fine-tune run made before them is still the baseline of one made after)."""
 
 
-PRETRAIN_CACHE = ("_pretrained", "checkpoint.pt")  # <results_dir>/_pretrained/<hash>/checkpoint.pt (clbench.pretrain)
+PRETRAIN_FOLDER, PRETRAIN_CHECKPOINT = "_pretrained", "checkpoint.pt"
+"""The pretraining cache's file is <results_dir>/_pretrained/<hash>/checkpoint.pt (written by clbench.pretrain)."""
 
 
 def pretrain_cache_identity(checkpoint: str) -> str:
@@ -177,7 +178,7 @@ def pretrain_cache_identity(checkpoint: str) -> str:
     the recipe's and the architecture's); any other path as given. Without this, the same run under another
     results_dir got another run id and another report group."""
     path = Path(checkpoint)
-    if len(path.parts) >= 3 and (path.parts[-3], path.name) == PRETRAIN_CACHE:
+    if len(path.parts) >= 3 and (path.parts[-3], path.name) == (PRETRAIN_FOLDER, PRETRAIN_CHECKPOINT):
         return f"pretrain:{path.parts[-2]}"
     return checkpoint
 
