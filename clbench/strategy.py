@@ -122,7 +122,10 @@ class Strategy:
     ``closed_form_safe`` (True where the training loss is ``Strategy.loss`` on ``Strategy.forward`` and the
     hooks need nothing from autograd but ``.grad``, so ``trainer.closed_form`` may write an MLP's gradients
     out without autograd; its ``after_backward`` / ``after_step`` then run under ``torch.no_grad``; see
-    :mod:`clbench.closed_form`; again only the class's own declaration counts).
+    :mod:`clbench.closed_form`; again only the class's own declaration counts), and ``population_safe`` (True
+    where its runs may be members of a population, ``hydra/launcher=population``: each member then gives the R
+    of its solo run; the class's own declaration, checked by a test per strategy) with ``batchable`` (the names
+    of its numeric settings that members of one population may differ in, e.g. ``("ewc_lambda",)``).
     """
 
     name: ClassVar[str] = "finetune"
@@ -130,6 +133,8 @@ class Strategy:
     uses_task_oracle: ClassVar[bool] = False
     graph_safe: ClassVar[bool] = False
     closed_form_safe: ClassVar[bool] = False
+    population_safe: ClassVar[bool] = False
+    batchable: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def declares(cls, flag: str) -> bool:
@@ -183,9 +188,19 @@ class Strategy:
         return task_ids if self.stream.scenario == "task" else None
 
     def forward(self, x: Tensor, task_ids: TaskIds) -> Tensor:
-        """Training-time forward pass."""
+        """Training-time forward pass: the model's own call, or, where the strategy overrides
+        :meth:`forward_heads` (it needs the features, as LwF does), the model's features through it."""
         assert self.model is not None
-        return self.model(x, self.head_ids(task_ids))
+        if type(self).forward_heads is Strategy.forward_heads:
+            return self.model(x, self.head_ids(task_ids))
+        return self.forward_heads(self.model.features(x), task_ids)
+
+    def forward_heads(self, features: Tensor, task_ids: TaskIds) -> Tensor:
+        """The training-time forward pass from the model's features on (the heads). A strategy that keeps
+        the features of a step, or changes what follows them, overrides this rather than :meth:`forward`, so
+        that a population can compute every member's features in one batched pass (:mod:`clbench.population`)."""
+        assert self.model is not None
+        return self.model.heads(features, self.head_ids(task_ids))
 
     def loss(self, output: Tensor, y: Tensor, batch: Batch, task: Task) -> Tensor:
         """Training loss; regularisers add their terms here."""

@@ -24,6 +24,7 @@ from clbench.graphs import GraphedStep, use_graphs
 from clbench.loggers.progress import task_progress
 from clbench.masking import absent_classes, batch_absent
 from clbench.optim import OPTIMIZERS, SGD, FitOptimizer, torch_optimizer
+from clbench.population import rendezvous
 from clbench.schedule import PlateauSchedule
 from clbench.strategy import Batch, Strategy
 from clbench.streams import Stream, Task
@@ -201,8 +202,24 @@ class Trainer:
     ) -> list[float]:
         """Train ``strategy`` on the union of ``tasks`` (one task: the usual case; several: joint).
 
-        The hooks run for ``tasks[-1]``. Returns the mean training loss of each epoch.
+        The hooks run for ``tasks[-1]``. Returns the mean training loss of each epoch. Inside a population
+        member (``hydra/launcher=population``) the fit is handed to the population's coordinator, which trains
+        it together with the other members' fits or hands it back to be run here (:mod:`clbench.population`).
         """
+        if rendezvous.current_member() is not None:
+            reply = rendezvous.meet(rendezvous.FitRequest(self, strategy, tasks, epochs, params))
+            if reply is not rendezvous.TRAIN_ALONE:
+                return reply
+        return self.fit_alone(strategy, tasks, epochs, params)
+
+    def fit_alone(
+        self,
+        strategy: Strategy,
+        tasks: Sequence[Task],
+        epochs: int | None = None,
+        params: Sequence[torch.nn.Parameter] | None = None,
+    ) -> list[float]:
+        """``fit`` in this process on its own: the step loop."""
         assert self.stream is not None, "Trainer.attach(stream, seed) must run before fit"
         stream, current, data = self.stream, tasks[-1], TrainingSet.of(tasks)
         epochs = self.epochs if epochs is None else epochs

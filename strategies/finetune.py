@@ -11,3 +11,4 @@ class Finetune(Strategy):
     name = "finetune"
     graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs
     closed_form_safe = True  # cross-entropy on the model's forward: trainer.closed_form may train it
+    population_safe = True  # a population member gives its solo run's R (tests/population)

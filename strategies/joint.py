@@ -18,6 +18,7 @@ class Joint(Strategy):
     multitask model, the usual upper bound; without, training continues from the previous model."""
 
     name = "joint"
+    population_safe = True  # a population member gives its solo run's R (tests/population)
     closed_form_safe = True  # cross-entropy on the model's forward: trainer.closed_form may train it
 
     def __init__(self, reinit: bool = True) -> None:

@@ -51,6 +51,8 @@ class LwF(Strategy):
     """
 
     name = "lwf"
+    population_safe = True  # a population member gives its solo run's R (tests/population)
+    batchable = ("alpha", "temperature")  # numeric settings members of one population may differ in
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0, cross_entropy: str = "own") -> None:
         super().__init__()
@@ -75,11 +77,11 @@ class LwF(Strategy):
         self.seen_units = torch.zeros(stream.head_sizes[0], dtype=torch.bool, device=stream.device)
         return model
 
-    def forward(self, x: Tensor, task_ids: TaskIds) -> Tensor:
+    def forward_heads(self, features: Tensor, task_ids: TaskIds) -> Tensor:
         assert self.model is not None
         # keep the features so the old heads' new outputs need no second pass through the body
-        self._features = self.model.features(x)
-        return self.model.heads(self._features, self.head_ids(task_ids))
+        self._features = features
+        return self.model.heads(features, self.head_ids(task_ids))
 
     def fit_task(self, task: Task, trainer: Trainer) -> None:
         assert self.stream is not None

@@ -24,6 +24,8 @@ class SI(QuadraticRegularizer):
     """
 
     name = "si"
+    population_safe = True  # a population member gives its solo run's R (tests/population)
+    batchable = ("c", "xi")  # numeric settings members of one population may differ in
     graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs
 
     def __init__(self, c: float = 0.1, xi: float = 1e-3, stable_penalty: bool = True) -> None:

@@ -61,6 +61,7 @@ class WandbLogger(Logger):
         self.run = wandb.init(
             id=self.run_id,
             resume="allow",
+            reinit="create_new",  # several runs may be open in one process (a population's members)
             mode=self.mode,
             project=self.project,
             entity=self.entity,

@@ -44,6 +44,8 @@ class GPM(Strategy):
     """
 
     name = "gpm"
+    population_safe = True  # a population member gives its solo run's R (tests/population)
+    batchable = ("threshold", "threshold_increment")  # numeric settings members of one population may differ in
     graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs
     closed_form_safe = True  # closed-form steps take each projected gradient from linear_gradient
     scenarios = ("task", "domain")

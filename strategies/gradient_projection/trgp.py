@@ -51,6 +51,9 @@ class TRGP(GPM):
     """
 
     name = "trgp"
+    population_safe = True  # a population member gives its solo run's R (tests/population)
+    # numeric settings members of one population may differ in
+    batchable = ("threshold", "threshold_increment", "trust_threshold")
     graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs
 
     def __init__(

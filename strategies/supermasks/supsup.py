@@ -19,6 +19,8 @@ class SupSup(SupermaskStrategy):
     Earlier tasks' scores and the weights never change, so forgetting is zero by construction."""
 
     name = "supsup"
+    population_safe = True  # a population member gives its solo run's R (tests/population)
+    batchable = ("density",)  # numeric settings members of one population may differ in
 
     def fit_task(self, task: Task, trainer: Trainer) -> None:
         self.set_task(task.id)
