@@ -31,8 +31,6 @@ class PopulationLauncher(Launcher):
     population (a larger group is split)."""
 
     def __init__(self, batchable_trainer_keys: Sequence[str] = (), max_members: int = 64) -> None:
-        if int(max_members) < 2:
-            raise HydraException(f"hydra.launcher.max_members must be >= 2, got {max_members}")
         self.trainer_keys = list(batchable_trainer_keys)
         self.max_members = int(max_members)
         self.config: DictConfig | None = None
@@ -40,6 +38,9 @@ class PopulationLauncher(Launcher):
         self.task_function: TaskFunction | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        # checked here, not in __init__: an error there reaches the user wrapped in Hydra's instantiation message
+        if self.max_members < 2:
+            raise HydraException(f"hydra.launcher.max_members must be >= 2, got {self.max_members}")
         self.config = config
         self.hydra_context = hydra_context
         self.task_function = task_function

@@ -1,0 +1,166 @@
+"""``hydra/launcher=population`` from the command line, as a user sweeps: grouping, files, W&B, Ctrl-C, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import compose_config, run_config
+
+QUIET = ["logger=none", "trainer.progress=false", "trainer.epochs=1", "verbose=false", "plots=false"]
+EXACT = ["cpu_threads=1", "deterministic=true"]
+
+
+def clbench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    return subprocess.run(
+        [sys.executable, "-m", "clbench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def index_of(results: Path) -> dict:
+    (index,) = results.glob("_hydra/sweeps/*/index.json")
+    return json.loads(index.read_text())
+
+
+def results_by_seed(results: Path, strategy: str = "finetune") -> dict[int, dict]:
+    found = {}
+    for path in results.glob(f"*/{strategy}/*/result.json"):
+        result = json.loads(path.read_text())
+        found[result["seed"]] = result
+    return found
+
+
+def test_a_seed_sweep_runs_as_one_population_with_every_solo_file(tmp_path):
+    """Two strategies x 2 seeds: two populations; each job has its folder, job.json, result, checkpoint and W&B
+    run (its own final accuracy table), and each member's R is its solo run's."""
+    done = clbench(
+        "-m", "hydra/launcher=population", "strategy=finetune,ewc", "seed=0,1", "stream.num_tasks=3",
+        "logger=wandb", *[q for q in QUIET if q != "logger=none"], *EXACT, f"results_dir={tmp_path}", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("clbench: population of 2 jobs") == 2
+    index = index_of(tmp_path)
+    assert index["counts"] == {"completed": 4}
+    for job in index["jobs"]:
+        result = json.loads(Path(job["result"]).read_text())
+        run_dir = Path(result["paths"]["run_dir"])
+        assert (run_dir / "checkpoint.pt").exists()
+        assert (Path(job["job_dir"]) / ".hydra" / "overrides.yaml").exists() if "job_dir" in job else True
+        (offline,) = (run_dir / "wandb").glob("offline-run-*")
+        assert list(offline.glob("*.wandb")), f"no W&B data file in {offline}"
+        tables = [t for t in (offline / "files" / "media" / "table").rglob("*.table.json") if "final" in str(t)]
+        final = [t for t in tables if "acc_matrix" in str(t)]
+        logged = [row[1:] for row in json.loads(final[0].read_text())["data"]]
+        assert logged == result["acc_matrix"], "a member's W&B run holds another member's matrix"
+        solo_overrides = [
+            *QUIET,
+            *EXACT,
+            "stream.num_tasks=3",
+            f"strategy={result['strategy']}",
+            f"seed={result['seed']}",
+        ]
+        solo = run_config(solo_overrides, tmp_path / "solo", tiny=False)
+        assert solo["acc_matrix"] == result["acc_matrix"]
+
+
+def test_a_strategy_without_the_declaration_runs_its_jobs_one_by_one(tmp_path):
+    done = clbench(
+        "-m", "hydra/launcher=population", "strategy=wsn", "seed=0,1", "stream.num_tasks=2", *QUIET,
+        f"results_dir={tmp_path}", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "strategy 'wsn' does not declare population_safe; its 2 jobs run one after another" in done.stdout
+    assert "population of" not in done.stdout
+    assert index_of(tmp_path)["counts"] == {"completed": 2}
+
+
+def test_a_failing_member_fails_its_job_and_the_sweep(tmp_path):
+    """lr is batchable: the 4 jobs are one population; the diverging one fails, the others complete."""
+    done = clbench(
+        "-m", "hydra/launcher=population", "trainer.lr=0.05,0.1,1e30,0.2", "stream.num_tasks=2", *QUIET,
+        f"results_dir={tmp_path}", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "clbench: population of 4 jobs" in done.stdout
+    assert index_of(tmp_path)["counts"] == {"completed": 3, "failed": 1}
+    assert "training loss became nan" in done.stderr
+
+
+def test_a_bad_launcher_setting_is_one_line_and_exit_2(tmp_path):
+    done = clbench(
+        "-m", "hydra/launcher=population", "hydra.launcher.max_members=1", "seed=0,1", *QUIET,
+        f"results_dir={tmp_path}", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "hydra.launcher.max_members must be >= 2" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.glob("*/finetune/*/result.json"))
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_an_interrupted_population_resumes_to_its_solo_results(tmp_path, how):
+    """Ctrl-C (exit 130, every member unwound through its runner) or kill -9 once a checkpoint is on disk; the same
+    command then finishes every member, and each member's R is its uninterrupted solo run's."""
+    args = [
+        "-m", "hydra/launcher=population", "seed=0,1,2", *QUIET, "stream.num_tasks=4", "trainer.epochs=2", *EXACT,
+        f"results_dir={tmp_path}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "clbench", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("*/finetune/*/checkpoint.pt")):
+        assert process.poll() is None, process.communicate()[1].decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(how)
+    _, stderr = process.communicate(timeout=120)
+    if how == signal.SIGINT:
+        assert process.returncode == 130, stderr.decode()[-3000:]
+        assert "Traceback" not in stderr.decode()
+        assert not list(tmp_path.glob("*/finetune/*/.lock*")), "a member's run lock was left behind"
+    else:
+        assert process.returncode == -signal.SIGKILL
+    interrupted = results_by_seed(tmp_path)
+    assert interrupted and all(r["status"] == "running" for r in interrupted.values())
+    again = clbench(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    finished = results_by_seed(tmp_path)
+    assert sorted(finished) == [0, 1, 2]
+    for seed, result in finished.items():
+        solo = run_config([*QUIET, *EXACT, "stream.num_tasks=4", "trainer.epochs=2", f"seed={seed}"], tmp_path / "solo")
+        assert result["status"] == "completed"
+        assert result["acc_matrix"] == solo["acc_matrix"]
+
+
+def test_jobs_that_differ_in_more_than_seed_and_batchable_values_are_not_grouped(tmp_path):
+    from clbench.population.grouping import group_jobs
+
+    configs = [
+        compose_config(overrides, tmp_path)
+        for overrides in (
+            ["seed=0"],
+            ["seed=1", "trainer.lr=0.05"],  # lr: batchable
+            ["seed=2", "trainer.optimizer=adam"],  # another optimizer: another population
+            ["seed=3", "strategy=ewc"],
+            ["seed=4", "strategy=ewc", "strategy.ewc_lambda=100"],  # EWC declares ewc_lambda batchable
+            ["seed=5", "strategy=ewc", "strategy.fisher=per_sample"],  # not numeric: another population
+            ["seed=6", "strategy=packnet"],
+            ["seed=7", "strategy=packnet"],
+        )
+    ]
+    grouping = group_jobs(configs, ["lr", "momentum", "weight_decay"], max_members=64)
+    assert sorted(map(sorted, grouping.populations)) == [[0, 1], [3, 4]]
+    assert grouping.solo == [2, 5, 6, 7]
+    assert len(grouping.notes) == 1 and "'packnet' does not declare population_safe" in grouping.notes[0]
+    split = group_jobs([configs[0]] * 5, [], max_members=2)
+    assert split.populations == [[0, 1], [2, 3]] and split.solo == [4]
