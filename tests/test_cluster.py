@@ -170,6 +170,7 @@ def test_ray_launcher_without_a_cluster_says_how_to_start_one(tmp_path):
     )
 
 
+@pytest.mark.slow  # a real Ray head (about 10 s to start) and six jobs in fresh processes: about a minute
 def test_ray_cluster_runs_a_2x2_sweep_and_a_relaunch_runs_only_what_is_missing(ray_head, tmp_path):
     results = tmp_path / "results"
     code, out, err = ray_sweep(ray_head, results, "strategy=finetune,joint", "seed=0")  # half of the grid
@@ -193,6 +194,7 @@ def test_ray_cluster_runs_a_2x2_sweep_and_a_relaunch_runs_only_what_is_missing(r
     assert all(node == "127.0.0.1" and resources == {"CPU": 1.0, "GPU": 1.0} for node, resources in ran.values())
 
 
+@pytest.mark.slow  # needs the real Ray head of the 2x2 sweep above; unslowed it would start the head alone
 def test_ray_sweep_no_node_can_hold_is_refused_in_one_line(ray_head, tmp_path):
     """Asking for more GPUs per job than any node has would leave the jobs pending forever."""
     code, _, err = ray_sweep(
@@ -220,6 +222,7 @@ def test_fitting_nodes_reads_every_resource_a_job_asks_for():
     assert fitting_nodes(nodes, {"num_gpus": 4}) == []  # the dead node does not count
 
 
+@pytest.mark.slow  # four submitit processes, about a minute; tests/test_sweeps.py runs a 2-job submitit_local sweep
 def test_submitit_local_executor_runs_the_2x2_sweep(tmp_path):
     results = tmp_path / "results"
     sweep = clbench("-m", "hydra/launcher=submitit_local", *GRID, f"results_dir={results}", *TINY, cwd=tmp_path)

@@ -26,7 +26,8 @@ def _index(results: Path) -> dict:
     return json.loads(indexes[0].read_text())
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
+# joblib's two loky workers each import torch and clbench afresh, about 30 s here: slow (run by `pytest -m slow`)
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("joblib", marks=pytest.mark.slow), "submitit_local"])
 def test_two_job_sweep_writes_results_and_index(tmp_path, launcher):
     extra = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
     if launcher == "joblib":
