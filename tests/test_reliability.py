@@ -106,25 +106,26 @@ def _error_line_in_process(overrides: list[str], results_dir: Path, compose_cfg)
     from clbench.schema import check_results_dir
 
     cli.register_resolvers()
-    problem = cli.check_group_choices(overrides)
-    if problem is not None:
-        return problem
-    check_results_dir(str(results_dir))
-    try:
-        cfg = compose_cfg([*overrides, "logger=none", "trainer.progress=false", "verbose=false"], results_dir)
-    except (HydraException, OmegaConfBaseException) as error:
-        return cli.composition_error_line(error)
-    with pytest.raises(Exception) as caught:
-        run(cfg)
-    cause = cli._root_cause(caught.value)
-    assert cli._is_user_error(cause), f"main() would print a traceback and exit 1: {cause!r}"
-    return str(cause)
+    line = cli.check_group_choices(overrides)
+    if line is None:
+        check_results_dir(str(results_dir))
+        try:
+            cfg = compose_cfg([*overrides, "logger=none", "trainer.progress=false", "verbose=false"], results_dir)
+        except (HydraException, OmegaConfBaseException) as error:
+            line = cli.composition_error_line(error)
+    if line is None:
+        with pytest.raises(Exception) as caught:
+            run(cfg)
+        cause = cli._root_cause(caught.value)
+        assert cli._is_user_error(cause), f"main() would print a traceback and exit 1: {cause!r}"
+        line = str(cause)
+    assert "\n" not in line.strip(), line
+    return line
 
 
 @pytest.mark.parametrize(("overrides", "message"), IN_PROCESS, ids=[" ".join(o) for o, _ in IN_PROCESS])
 def test_bad_input_is_one_clear_line_in_process(tmp_path, compose_cfg, overrides, message):
-    line = _error_line_in_process(overrides, tmp_path, compose_cfg)
-    assert "\n" not in line.strip() and message in line, line
+    assert message in _error_line_in_process(overrides, tmp_path, compose_cfg)
 
 
 @pytest.mark.parametrize("overrides", THROUGH_CLI, ids=[" ".join(o) for o in THROUGH_CLI])
@@ -179,26 +180,29 @@ def _clbench(args: list[str], cwd: Path, **popen: object) -> subprocess.Complete
     )
 
 
-def _one_error_line(done: subprocess.CompletedProcess) -> str:
-    assert done.returncode == 2, done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("clbench: error: ") and "Traceback" not in done.stderr, lines
-    return lines[0]
-
-
 QUIET = ["logger=none", "trainer.progress=false", "verbose=false", "stream=split_digits", "trainer.epochs=1"]
 
 
 @pytest.mark.parametrize("kind", ["file", "under_a_file", "unwritable", "empty"])
-def test_bad_results_dir_is_one_line_and_makes_nothing(tmp_path, kind):
+def test_bad_results_dir_is_one_line_and_makes_nothing(tmp_path, kind, monkeypatch, capsys):
     """A results_dir that is a file, unwritable or empty stops before Hydra makes its folders (``''`` used to
-    write into the current folder and ``/_hydra`` at the filesystem root)."""
+    write into the current folder and ``/_hydra`` at the filesystem root). main() runs in-process: the check
+    comes before Hydra, so nothing of this process is left changed (a regression would run Hydra here and fail)."""
+    import clbench.__main__ as cli
+
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     value = {"file": a_file, "under_a_file": a_file / "x", "unwritable": "/proc/clbench-results", "empty": ""}[kind]
     work = tmp_path / "work"
     work.mkdir()
-    line = _one_error_line(_clbench([*QUIET, f"results_dir={value}"], work))
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", ["clbench", *QUIET, f"results_dir={value}"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith("clbench: error: "), line
     assert "results_dir" in line and "set results_dir" in line
     assert list(work.iterdir()) == []  # no outputs/, _hydra/ or results in the current folder
 
@@ -209,18 +213,18 @@ def _run_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_corrupt_result_json_names_the_file_and_resume_false(tmp_path):
+def test_corrupt_result_json_names_the_file_and_resume_false(tmp_path, compose_cfg):
     folder = _run_folder(tmp_path)
     (folder / "result.json").write_text('{"status": "runn\x01ing"')
-    line = _one_error_line(_clbench([*QUIET, "run_id=fixed", f"results_dir={tmp_path}"], tmp_path))
+    line = _error_line_in_process([*QUIET, "run_id=fixed"], tmp_path, compose_cfg)  # a user error: one line, exit 2
     assert str(folder / "result.json") in line and "resume=false" in line
 
 
-def test_corrupt_checkpoint_names_the_file_and_resume_false_starts_afresh(tmp_path, run_tiny):
+def test_corrupt_checkpoint_names_the_file_and_resume_false_starts_afresh(tmp_path, run_tiny, compose_cfg):
     folder = _run_folder(tmp_path)
     (folder / "result.json").write_text('{"status": "running"}')
     (folder / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
-    line = _one_error_line(_clbench([*QUIET, "run_id=fixed", f"results_dir={tmp_path}"], tmp_path))
+    line = _error_line_in_process([*QUIET, "run_id=fixed"], tmp_path, compose_cfg)  # a user error: one line, exit 2
     assert str(folder / "checkpoint.pt") in line and "resume=false" in line
     result = run_tiny(["stream=split_digits", "run_id=fixed", "resume=false"], tmp_path)
     assert result["status"] == "completed"
