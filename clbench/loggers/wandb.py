@@ -43,11 +43,13 @@ class WandbLogger(Logger):
         group: str | None = None,  # None: the sweep (or, for one run, the stream)
         tags: Sequence[str] = (),
         heatmaps_every_task: bool = False,
+        save_requirements: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown logger.mode {mode!r}: use one of {', '.join(MODES)}")
         self.mode, self.project, self.entity, self.group, self.tags = mode, project, entity, group, list(tags)
         self.heatmaps_every_task = heatmaps_every_task
+        self.save_requirements = save_requirements
         self.run = None
         self.task_names: list[str] = []
         self.run_id: str | None = None  # kept in the checkpoint: a resumed run continues the same W&B run
@@ -71,7 +73,9 @@ class WandbLogger(Logger):
             tags=[*self.tags, run.stream, run.strategy, run.scenario],
             config=run.config,
             dir=str(run.run_dir),
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+            settings=wandb.Settings(
+                console="off", silent=True, x_disable_stats=True, x_save_requirements=self.save_requirements
+            ),
         )
 
     def _log_matrix(

@@ -44,7 +44,7 @@ from clbench.divergence import FiniteLossCheck, check_finite
 from clbench.loggers.progress import task_progress
 from clbench.masking import absent_classes, batch_absent
 from clbench.models.mlp import MLP
-from clbench.optim import FitOptimizer
+from clbench.optim import SGD, FitOptimizer
 from clbench.population.rendezvous import FitRequest
 from clbench.strategy import Batch, Strategy
 
@@ -195,9 +195,12 @@ class Stacks:
         self.fits = fits
         self.tensors: list[tuple[Tensor, Tensor | None]] = []
         self.params: list[list[Tensor]] = []
+        self.trainable: list[tuple[bool, bool]] = []  # per layer: weight, bias require gradients
+        self.grads: list[tuple[Tensor, Tensor]] = []  # (stack, its gradient) of the last shared update
         for depth in range(layers):
             weights = [f.layers[depth][1] for f in fits]
             biases = [f.layers[depth][2] for f in fits]
+            self.trainable.append((weights[0].requires_grad, biases[0] is not None and biases[0].requires_grad))
             stacked_w = self._stack(weights, requires_grad)
             stacked_b = None if biases[0] is None else self._stack(biases, requires_grad)
             self.tensors.append((stacked_w, stacked_b))
@@ -222,10 +225,17 @@ class Stacks:
                 )
 
     def release(self) -> None:
+        """Every parameter gets its own storage again (and, after shared updates, the last step's gradient,
+        as a solo fit leaves it)."""
         with torch.no_grad():
-            for params in self.params:
-                for param in params:
+            grads = {id(stack): grad for stack, grad in self.grads}
+            for params, stack in zip(
+                self.params, [t for pair in self.tensors for t in pair if t is not None], strict=True
+            ):
+                for i, param in enumerate(params):
                     param.data = param.data.clone()
+                    if id(stack) in grads:
+                        param.grad = grads[id(stack)][i].clone()
 
 
 def fit_together(fits_: Sequence[MemberFit]) -> list[Any]:
@@ -272,6 +282,7 @@ def _loop(fits: Sequence[MemberFit], stacks: Stacks, kind: str) -> None:
             module.train()
     bar = task_progress(epochs * steps, current0.id, len(trainer0.stream), trainer0.progress)
     minus_one: dict[int, Tensor] = {}
+    shared_lr = shared_plain_sgd(fits, stacks) if kind == CLOSED_FORM else None
     for epoch in range(epochs):
         shuffled = [f.data.shuffled(f.request.trainer.generator) for f in fits]
         step_losses = [torch.zeros(steps, device=device) for _ in fits]
@@ -292,7 +303,7 @@ def _loop(fits: Sequence[MemberFit], stacks: Stacks, kind: str) -> None:
                 rows = batches[0].y.shape[0]
                 if rows not in minus_one:
                     minus_one[rows] = torch.full((len(fits), rows, 1), -1.0, device=device)
-                _closed_form_step(fits, stacks, batches, [k.rows(chosen) for k in kept], minus_one[rows])
+                _closed_form_step(fits, stacks, batches, [k.rows(chosen) for k in kept], minus_one[rows], shared_lr)
             else:
                 losses, predicted = _autograd_step(fits, stacks, batches)
                 for i, f in enumerate(fits):
@@ -322,10 +333,40 @@ def _loop(fits: Sequence[MemberFit], stacks: Stacks, kind: str) -> None:
     bar.close()
 
 
+def shared_plain_sgd(fits: Sequence[MemberFit], stacks: Stacks) -> float | None:
+    """The learning rate where every member's step is a plain SGD update of exactly the stacked parameters
+    with no hook around it (fine-tune, joint): one ``_foreach_add_`` on the stacks then updates every member,
+    the same elementwise operation as each member's own; None where a member's step is anything else."""
+    lrs = set()
+    stacked = [p for params in stacks.params for p in params if p.requires_grad]
+    for i, f in enumerate(fits):
+        strategy, optimizer = f.request.strategy, f.optimizer
+        if not isinstance(optimizer, SGD) or f.closed is None or f.closed.custom_gradients:
+            return None
+        group = optimizer.param_groups[0]
+        if group["momentum"] != 0 or group["weight_decay"] != 0:
+            return None
+        if (
+            type(strategy).after_backward is not Strategy.after_backward
+            or type(strategy).after_step is not Strategy.after_step
+        ):
+            return None
+        if {id(p) for p in f.trained} != {id(p) for p in stacked[i :: len(fits)]}:
+            return None
+        lrs.add(group["lr"])
+    return lrs.pop() if len(lrs) == 1 else None
+
+
 def _closed_form_step(
-    fits: Sequence[MemberFit], stacks: Stacks, batches: Sequence[Batch], outs: Sequence[Tensor], minus_one: Tensor
+    fits: Sequence[MemberFit],
+    stacks: Stacks,
+    batches: Sequence[Batch],
+    outs: Sequence[Tensor],
+    minus_one: Tensor,
+    shared_lr: float | None,
 ) -> None:
-    """One closed-form step of every member (:meth:`clbench.closed_form.ClosedFormStep._step`, batched)."""
+    """One closed-form step of every member (:meth:`clbench.closed_form.ClosedFormStep._step`, batched); with
+    ``shared_lr`` (:func:`shared_plain_sgd`) the update is applied to the stacks at once."""
     activations = [torch.stack([b.x.flatten(1) for b in batches])]
     layers = stacks.tensors
     for weight, bias in layers[:-1]:
@@ -339,6 +380,9 @@ def _closed_form_step(
     rows = batches[0].y.shape[0]
     targets = torch.stack([b.y for b in batches]).unsqueeze(2)
     delta = logits.softmax(dim=2).scatter_add_(2, targets, minus_one).div_(rows)
+    if shared_lr is not None:
+        _shared_update(layers, activations, delta, shared_lr, stacks)
+        return
     for f in fits:
         f.optimizer.zero_grad(set_to_none=True)
     for depth in range(len(layers) - 1, -1, -1):
@@ -372,6 +416,28 @@ def _closed_form_step(
         if depth > 0:
             delta = torch.ops.aten.threshold_backward(delta @ weight, inputs, 0)
     _hooks_and_updates(fits)
+
+
+def _shared_update(
+    layers: list[tuple[Tensor, Tensor | None]], activations: list[Tensor], delta: Tensor, lr: float, stacks: Stacks
+) -> None:
+    """Every member's gradients formed batched and its SGD update applied to the stacks in one call; the last
+    step's gradients are kept (``stacks.grads``) and handed to the members when the fit ends."""
+    params: list[Tensor] = []
+    grads: list[Tensor] = []
+    for depth in range(len(layers) - 1, -1, -1):
+        weight, bias = layers[depth]
+        inputs = activations[depth]
+        if stacks.trainable[depth][0]:
+            params.append(weight)
+            grads.append(delta.mT @ inputs)
+        if bias is not None and stacks.trainable[depth][1]:
+            params.append(bias)
+            grads.append(delta.sum(dim=1))
+        if depth > 0:
+            delta = torch.ops.aten.threshold_backward(delta @ weight, inputs, 0)
+    torch._foreach_add_(params, grads, alpha=-lr)
+    stacks.grads = list(zip(params, grads, strict=True))
 
 
 def _autograd_step(
