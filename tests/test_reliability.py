@@ -29,9 +29,43 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def _started(command: list[str], **popen: object) -> subprocess.Popen:
+    """The uninterrupted reference run, started beside the run to be killed (the two share the 2 cores; the
+    reference no longer waits for the kill and the resume), its output captured."""
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _finished(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def _stopped(process: subprocess.Popen) -> None:
+    """Where the test failed before the reference finished, the reference does not outlive it."""
+    if process.poll() is None:
+        process.kill()
+    process.communicate()
+
+
 def test_sigkill_then_resume_gives_identical_matrix(tmp_path):
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
     command = [sys.executable, "-m", "clbench", *RUN]
+    reference = _started([*command, f"results_dir={clean_dir}"], env=_env(), cwd=tmp_path)
+    try:
+        _sigkill_then_resume(command, killed_dir, tmp_path)
+        clean = _finished(reference)
+    finally:
+        _stopped(reference)
+    assert clean.returncode == 0, clean.stderr
+    (checkpoint,) = killed_dir.glob("permuted_mnist5k/finetune/*/checkpoint.pt")
+    after = json.loads((checkpoint.parent / "result.json").read_text())
+    reference_result = json.loads(next(clean_dir.glob("permuted_mnist5k/finetune/*/result.json")).read_text())
+    assert after["status"] == "completed"
+    assert after["acc_matrix"] == reference_result["acc_matrix"]
+
+
+def _sigkill_then_resume(command: list[str], killed_dir: Path, tmp_path: Path) -> None:
+    """Start the run, SIGKILL it once its first checkpoint is written, check what it left, resume it."""
     process = subprocess.Popen([*command, f"results_dir={killed_dir}"], env=_env(), cwd=tmp_path)
     deadline = time.time() + 300
     checkpoint = None
@@ -54,14 +88,6 @@ def test_sigkill_then_resume_gives_identical_matrix(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
-    clean = subprocess.run(
-        [*command, f"results_dir={clean_dir}"], env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600
-    )
-    assert clean.returncode == 0, clean.stderr
-    after = json.loads((checkpoint.parent / "result.json").read_text())
-    reference = json.loads(next(clean_dir.glob("permuted_mnist5k/finetune/*/result.json")).read_text())
-    assert after["status"] == "completed"
-    assert after["acc_matrix"] == reference["acc_matrix"]
 
 
 BAD_INPUTS = [
@@ -302,10 +328,25 @@ def test_readme_strategy_interrupted_with_ctrl_c_resumes_to_the_uninterrupted_ma
     run = [*RUN, "strategy=l2_prev", "stream.num_tasks=3", "trainer.epochs=1", "stream.train_per_task=2000"]
     env = {**_env(), "PYTHONPATH": str(readme_strategy)}
     command = [sys.executable, "-m", "clbench", *run]
-    killed = readme_strategy / "killed"
+    killed, clean_dir = readme_strategy / "killed", readme_strategy / "clean"
+    reference = _started([*command, f"results_dir={clean_dir}"], cwd=readme_strategy, env=env)
+    try:
+        checkpoint = _ctrl_c_then_resume(command, killed, readme_strategy, env)
+        clean = _finished(reference)
+    finally:
+        _stopped(reference)
+    assert clean.returncode == 0, clean.stderr
+    after = json.loads((checkpoint.parent / "result.json").read_text())
+    reference_result = json.loads(next(clean_dir.glob("*/l2_prev/*/result.json")).read_text())
+    assert after["status"] == "completed" and after["acc_matrix"] == reference_result["acc_matrix"]
+
+
+def _ctrl_c_then_resume(command: list[str], killed: Path, cwd: Path, env: dict) -> Path:
+    """Start the run, SIGINT it once its first checkpoint is written, check its one line and what it left, resume
+    it; returns the checkpoint's path."""
     process = subprocess.Popen(
         [*command, f"results_dir={killed}"],
-        cwd=readme_strategy,
+        cwd=cwd,
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -325,22 +366,10 @@ def test_readme_strategy_interrupted_with_ctrl_c_resumes_to_the_uninterrupted_ma
     assert not (checkpoint.parent / ".lock").exists()
 
     resumed = subprocess.run(
-        [*command, f"results_dir={killed}"], cwd=readme_strategy, env=env, capture_output=True, text=True, timeout=600
+        [*command, f"results_dir={killed}"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
-    clean_dir = readme_strategy / "clean"
-    clean = subprocess.run(
-        [*command, f"results_dir={clean_dir}"],
-        cwd=readme_strategy,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert clean.returncode == 0, clean.stderr
-    after = json.loads((checkpoint.parent / "result.json").read_text())
-    reference = json.loads(next(clean_dir.glob("*/l2_prev/*/result.json")).read_text())
-    assert after["status"] == "completed" and after["acc_matrix"] == reference["acc_matrix"]
+    return checkpoint
 
 
 def test_progress_is_one_line_per_task_when_stderr_is_not_a_terminal(tmp_path):
