@@ -6,10 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from clbench.__main__ import CONFIG_DIR
+
+# One intra-op thread for the in-process runs (the subprocesses get OMP_NUM_THREADS=1): the tests' models are tiny,
+# and on a shared 2-core machine two OpenMP threads spin against the other load; a 45 s stretch of this suite took
+# 6 min with two. Tests of thread settings set their own count first.
+torch.set_num_threads(1)
 
 # Settings that keep an end-to-end run to a second or two on 2 CPU cores.
 TINY = [

@@ -65,7 +65,11 @@ def test_a_block_holds_as_many_batches_as_fit_in_prefetch_mb():
 
 @pytest.mark.parametrize(("setting", "device", "inside"), [(1, "cpu", 1), (None, "cpu", None), (1, None, None)])
 def test_block_threads_apply_inside_the_block_only(setting, device, inside):
-    before = torch.get_num_threads()
-    with block_threading(setting, None if device is None else torch.device(device)):
-        assert torch.get_num_threads() == (before if inside is None else inside)
-    assert torch.get_num_threads() == before
+    steps = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the block's 1, so a block that leaks its setting shows (conftest sets 1)
+    try:
+        with block_threading(setting, None if device is None else torch.device(device)):
+            assert torch.get_num_threads() == (2 if inside is None else inside)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(steps)
