@@ -95,16 +95,30 @@ def test_job_that_left_no_record_is_listed_missing(tmp_path):
     ["launcher=submitit_slurm", "launcher=ray", "launcher=joblib", "launcher=submitit_local", "sweeper=optuna"],
 )
 def test_scale_out_presets_compose(preset):
+    """In-process, as Hydra composes them for ``python -m clbench hydra/<preset>`` (tests/test_cli.py prints a
+    composed config through the CLI once)."""
+    from hydra import compose, initialize_config_dir
+
+    from clbench.__main__ import CONFIG_DIR, register_resolvers
+
+    register_resolvers()
     group = preset.split("=")[0]
-    done = clbench(f"hydra/{preset}", "--cfg", "hydra", "-p", f"hydra.{group}", cwd=Path.cwd())
-    assert done.returncode == 0, done.stderr
-    assert "_target_: hydra_plugins." in done.stdout
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/{preset}"], return_hydra_config=True)
+    assert cfg.hydra[group]._target_.startswith("hydra_plugins.")
 
 
-def test_unknown_group_choice_lists_known_names(tmp_path):
-    done = clbench("strategy=finetune,nope", cwd=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
+def test_unknown_group_choice_lists_known_names(tmp_path, monkeypatch, capsys):
+    """main() in-process: group names are checked before Hydra starts (tests/test_reliability.py runs this path
+    through a fresh ``python -m clbench``)."""
+    import clbench.__main__ as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["clbench", "strategy=finetune,nope"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "clbench: error: unknown strategy 'nope': known strategy configs are "
         + ", ".join(sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "strategy").glob("*.yaml")))
     ]
