@@ -46,6 +46,7 @@ class PopulationLauncher(Launcher):
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from clbench.population.configs import derive_seed_config, seed_of_only_difference
         from clbench.population.coordinator import run_members
         from clbench.population.grouping import group_jobs
 
@@ -55,7 +56,11 @@ class PopulationLauncher(Launcher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         configs = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            seed = seed_of_only_difference(job_overrides[0], overrides) if configs else None
+            if seed is not None:  # a seed sweep's jobs differ in one value: copy the first, no second composition
+                sweep_config = derive_seed_config(configs[0], list(overrides), seed)
+            else:
+                sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = idx
                 sweep_config.hydra.job.num = idx
