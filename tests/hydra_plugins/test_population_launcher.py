@@ -71,6 +71,7 @@ def test_a_seed_sweep_runs_as_one_population_with_every_solo_file(tmp_path):
         assert solo["acc_matrix"] == result["acc_matrix"]
 
 
+@pytest.mark.slow  # the grouping's note is also checked in-process (test_jobs_that_differ_...)
 def test_a_strategy_without_the_declaration_runs_its_jobs_one_by_one(tmp_path):
     done = clbench(
         "-m", "hydra/launcher=population", "strategy=wsn", "seed=0,1", "stream.num_tasks=2", *QUIET,
@@ -82,6 +83,7 @@ def test_a_strategy_without_the_declaration_runs_its_jobs_one_by_one(tmp_path):
     assert index_of(tmp_path)["counts"] == {"completed": 2}
 
 
+@pytest.mark.slow  # the member's failure itself is checked in-process (tests/population/test_coordinator.py)
 def test_a_failing_member_fails_its_job_and_the_sweep(tmp_path):
     """lr is batchable: the 4 jobs are one population; the diverging one fails, the others complete."""
     done = clbench(
@@ -105,7 +107,7 @@ def test_a_bad_launcher_setting_is_one_line_and_exit_2(tmp_path):
     assert not list(tmp_path.glob("*/finetune/*/result.json"))
 
 
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("how", [signal.SIGINT, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)])
 def test_an_interrupted_population_resumes_to_its_solo_results(tmp_path, how):
     """Ctrl-C (exit 130, every member unwound through its runner) or kill -9 once a checkpoint is on disk; the same
     command then finishes every member, and each member's R is its uninterrupted solo run's."""
