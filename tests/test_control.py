@@ -4,9 +4,6 @@ result.json / the checkpoint / W&B, and a resumed run that keeps them."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -243,28 +240,10 @@ def test_every_control_value_reaches_the_loggers(run_tiny, fmnist_checkpoint, tm
     assert seen == [(None, result["control_acc_before"]), *enumerate(result["control_acc"])]
 
 
-def test_bad_control_config_is_one_line_and_exit_2(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clbench",
-            *FMNIST_STREAM,
-            "control=pretrained_fmnist",
-            f"control.checkpoint={tmp_path / 'nowhere.pt'}",
-            "logger=none",
-            "verbose=false",
-            f"results_dir={tmp_path}",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 2, done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "control.checkpoint=" in lines[0] and "is not a file" in lines[0], done.stderr
+def test_bad_control_config_is_one_line_and_exit_2(tmp_path, cli_error_line):
+    overrides = [*FMNIST_STREAM, "control=pretrained_fmnist", f"control.checkpoint={tmp_path / 'nowhere.pt'}"]
+    line = cli_error_line(overrides, tmp_path)
+    assert "control.checkpoint=" in line and "is not a file" in line
     assert not list(tmp_path.glob("split_fashion_mnist/*/*/checkpoint.pt"))
 
 

@@ -120,38 +120,9 @@ THROUGH_CLI = [["strategy=nope"], ["trainer.epoch=1"], ["trainer.lr=-0.1"], ["st
 IN_PROCESS = [(overrides, message) for overrides, message in BAD_INPUTS if overrides not in THROUGH_CLI]
 
 
-def _error_line_in_process(overrides: list[str], results_dir: Path, compose_cfg) -> str:
-    """The line main() prints for ``overrides``, found in main()'s order without a new interpreter: group names,
-    results_dir, Hydra's composition, then the run, whose error must be one main() reports as a user error (exit
-    code 2, no traceback)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    import clbench.__main__ as cli
-    from clbench.runner import run
-    from clbench.schema import check_results_dir
-
-    cli.register_resolvers()
-    line = cli.check_group_choices(overrides)
-    if line is None:
-        check_results_dir(str(results_dir))
-        try:
-            cfg = compose_cfg([*overrides, "logger=none", "trainer.progress=false", "verbose=false"], results_dir)
-        except (HydraException, OmegaConfBaseException) as error:
-            line = cli.composition_error_line(error)
-    if line is None:
-        with pytest.raises(Exception) as caught:
-            run(cfg)
-        cause = cli._root_cause(caught.value)
-        assert cli._is_user_error(cause), f"main() would print a traceback and exit 1: {cause!r}"
-        line = str(cause)
-    assert "\n" not in line.strip(), line
-    return line
-
-
 @pytest.mark.parametrize(("overrides", "message"), IN_PROCESS, ids=[" ".join(o) for o, _ in IN_PROCESS])
-def test_bad_input_is_one_clear_line_in_process(tmp_path, compose_cfg, overrides, message):
-    assert message in _error_line_in_process(overrides, tmp_path, compose_cfg)
+def test_bad_input_is_one_clear_line_in_process(tmp_path, cli_error_line, overrides, message):
+    assert message in cli_error_line(overrides, tmp_path)
 
 
 @pytest.mark.parametrize("overrides", THROUGH_CLI, ids=[" ".join(o) for o in THROUGH_CLI])
@@ -239,18 +210,18 @@ def _run_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_corrupt_result_json_names_the_file_and_resume_false(tmp_path, compose_cfg):
+def test_corrupt_result_json_names_the_file_and_resume_false(tmp_path, cli_error_line):
     folder = _run_folder(tmp_path)
     (folder / "result.json").write_text('{"status": "runn\x01ing"')
-    line = _error_line_in_process([*QUIET, "run_id=fixed"], tmp_path, compose_cfg)  # a user error: one line, exit 2
+    line = cli_error_line([*QUIET, "run_id=fixed"], tmp_path)  # a user error: one line, exit 2
     assert str(folder / "result.json") in line and "resume=false" in line
 
 
-def test_corrupt_checkpoint_names_the_file_and_resume_false_starts_afresh(tmp_path, run_tiny, compose_cfg):
+def test_corrupt_checkpoint_names_the_file_and_resume_false_starts_afresh(tmp_path, run_tiny, cli_error_line):
     folder = _run_folder(tmp_path)
     (folder / "result.json").write_text('{"status": "running"}')
     (folder / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
-    line = _error_line_in_process([*QUIET, "run_id=fixed"], tmp_path, compose_cfg)  # a user error: one line, exit 2
+    line = cli_error_line([*QUIET, "run_id=fixed"], tmp_path)  # a user error: one line, exit 2
     assert str(folder / "checkpoint.pt") in line and "resume=false" in line
     result = run_tiny(["stream=split_digits", "run_id=fixed", "resume=false"], tmp_path)
     assert result["status"] == "completed"
