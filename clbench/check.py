@@ -10,7 +10,8 @@ override on the command line changes it) and checks what the harness relies on b
   that instance predicts exactly as the original;
 * declarations: a class that declares ``closed_form_safe`` trains the same (up to float rounding) with
   ``trainer.closed_form`` on and off; one that declares ``graph_safe`` the same with ``trainer.cuda_graphs``
-  on and off (needs a CUDA device; otherwise reported as not checked).
+  on and off (needs a CUDA device; otherwise reported as not checked); one that declares ``population_safe``
+  gives two seeds run as one population (``hydra/launcher=population``) their solo runs' R, bit for bit.
 
 It prints one line per check, ``PASS`` / ``FAIL`` / ``SKIP``, with what failed and why, and exits 1 when
 any check fails (2 for bad input, as ``python -m clbench`` does).
@@ -231,6 +232,41 @@ def check_declarations(overrides: list[str], workdir: Path) -> list[Outcome]:
     return outcomes
 
 
+def check_population(overrides: list[str], workdir: Path) -> Outcome:
+    """A class that declares ``population_safe``: two seeds as one population give each seed its solo run's R,
+    bit for bit (the tiny protocol runs on one thread, where the population promises that)."""
+    from clbench import runner
+    from clbench.population.coordinator import run_members
+
+    cfg = compose_checked(overrides, workdir / "population")
+    strategy = instantiate(cfg.strategy)
+    if not strategy.declares("population_safe"):
+        return Outcome(
+            "population_safe", "SKIP", f"{type(strategy).__name__} does not declare population_safe (runs alone)"
+        )
+    configs = [
+        compose_checked([*overrides, f"seed={seed}"], workdir / where) for where in ("solo", "pop") for seed in (0, 1)
+    ]
+    solo = [runner.run(c) for c in configs[:2]]
+    members = run_members([lambda c=c: runner.run(c) for c in configs[2:]])
+    for seed, (mine, member) in enumerate(zip(solo, members, strict=True)):
+        if member.raised is not None:
+            return Outcome(
+                "population_safe",
+                "FAIL",
+                f"seed {seed} failed in a population: {type(member.raised).__name__}: {member.raised}",
+            )
+        if member.returned["acc_matrix"] != mine["acc_matrix"]:
+            return Outcome(
+                "population_safe",
+                "FAIL",
+                f"it declares population_safe, but seed {seed} ends with another R in a population than alone: keep "
+                "every run's state in the strategy object, draw nothing from global generators in hooks, or remove "
+                "the declaration",
+            )
+    return Outcome("population_safe", "PASS", "two seeds as one population end with their solo runs' R, bit for bit")
+
+
 def run_checks(overrides: list[str]) -> list[Outcome]:
     """Every check on ``strategy=<name>`` (in ``overrides``), in a temporary results folder."""
     with tempfile.TemporaryDirectory(prefix="clbench-check-") as folder:
@@ -238,6 +274,7 @@ def run_checks(overrides: list[str]) -> list[Outcome]:
         outcomes = [check_resume(overrides, workdir)]
         outcomes.append(check_round_trip(compose_checked(overrides, workdir / "round_trip")))
         outcomes += check_declarations(overrides, workdir)
+        outcomes.append(check_population(overrides, workdir))
     return outcomes
 
 

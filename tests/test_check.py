@@ -54,6 +54,25 @@ class FalselyClosedForm(Strategy):
         return model
 
 
+class SharedAnchor(Strategy):
+    """Declares population_safe but keeps its anchor on the class, shared by every run of the process: in a
+    population the members overwrite each other's anchor."""
+
+    name = "shared_anchor"
+    population_safe = True
+    anchor: list = []  # noqa: RUF012 - shared on purpose: the bug under test
+
+    def loss(self, output, y, batch, task):
+        loss = super().loss(output, y, batch, task)
+        if SharedAnchor.anchor:
+            pairs = zip(self.model.parameters(), SharedAnchor.anchor, strict=True)
+            loss = loss + sum(((p - a) ** 2).sum() for p, a in pairs)
+        return loss
+
+    def after_task(self, task):
+        SharedAnchor.anchor[:] = [p.detach().clone() for p in self.model.parameters()]
+
+
 def _target(cls: type) -> list[str]:
     return ["strategy=finetune", f"strategy._target_={__name__}.{cls.__name__}"]
 
@@ -66,6 +85,7 @@ def test_finetune_passes(capsys):
     assert check.main(["strategy=finetune"]) == 0
     printed = capsys.readouterr().out
     assert "PASS resume" in printed and "PASS state round trip" in printed and "PASS closed_form_safe" in printed
+    assert "PASS population_safe" in printed
 
 
 def test_readme_strategy_passes(readme_strategy, monkeypatch, capsys):
@@ -86,6 +106,13 @@ def test_a_strategy_that_loses_its_state_on_resume_fails():
 def test_a_false_closed_form_declaration_fails():
     outcomes = check.run_checks(_target(FalselyClosedForm))
     (declared,) = [o for o in outcomes if o.check == "closed_form_safe"]
+    assert declared.verdict == "FAIL" and "remove the declaration" in declared.detail
+
+
+def test_a_false_population_declaration_fails():
+    SharedAnchor.anchor.clear()
+    outcomes = check.run_checks(_target(SharedAnchor))
+    (declared,) = [o for o in outcomes if o.check == "population_safe"]
     assert declared.verdict == "FAIL" and "remove the declaration" in declared.detail
 
 
