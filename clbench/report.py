@@ -825,7 +825,12 @@ def log_to_wandb(table: pd.DataFrame, plots: Sequence[Path], mode: str, project:
 
     directory.mkdir(parents=True, exist_ok=True)
     run = wandb.init(
-        mode=mode, project=project, job_type="report", dir=str(directory), settings=wandb.Settings(silent=True)
+        mode=mode,
+        project=project,
+        job_type="report",
+        dir=str(directory),
+        reinit="create_new",  # its own run, whatever other run this process has open
+        settings=wandb.Settings(silent=True),
     )
     payload: dict[str, Any] = {"summary": wandb.Table(dataframe=table.astype(str))}
     payload.update({path.stem: wandb.Image(str(path)) for path in plots})

@@ -27,6 +27,11 @@ def matrix_table(matrix: np.ndarray, task_names: Sequence[str], row_label: str =
     return wandb.Table(columns=columns, data=rows)
 
 
+# the W&B runs this process opened and has not finished, by id: several are open at once in a population, and an
+# interrupted run's stays open until the same run resumes (W&B refuses a second open run with one id)
+_open_runs: dict[str, Any] = {}
+
+
 class WandbLogger(Logger):
     """Per task: the accuracy matrix so far (a table; a heatmap too with ``heatmaps_every_task``) and the mean
     accuracy on seen tasks. At the end: summary metrics, the final matrices and the forgetting / transfer
@@ -60,6 +65,9 @@ class WandbLogger(Logger):
 
         self.task_names = run.task_names
         self.run_id = self.run_id or uuid.uuid4().hex[:12]  # W&B ids: lowercase letters and digits
+        stale = _open_runs.pop(self.run_id, None)
+        if stale is not None:  # an interrupted attempt of this run in this process (a notebook): close it first
+            stale.finish(exit_code=1)
         self.run = wandb.init(
             id=self.run_id,
             resume="allow",
@@ -77,6 +85,7 @@ class WandbLogger(Logger):
                 console="off", silent=True, x_disable_stats=True, x_save_requirements=self.save_requirements
             ),
         )
+        _open_runs[self.run_id] = self.run
 
     def _log_matrix(
         self, key: str, matrix: np.ndarray, symmetric: bool = False, heatmap: bool = True
@@ -139,4 +148,5 @@ class WandbLogger(Logger):
             self.run.log(payload, step=max(len(matrix), 1))
         self.run.summary.update({**result.get("metrics", {}), "status": result["status"]})
         self.run.finish(exit_code=0 if result["status"] == "completed" else 1)
+        _open_runs.pop(self.run_id or "", None)
         self.run = None
