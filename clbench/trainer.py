@@ -209,17 +209,7 @@ class Trainer:
         if rendezvous.current_member() is not None:
             reply = rendezvous.meet(rendezvous.FitRequest(self, strategy, tasks, epochs, params))
             if reply is not rendezvous.TRAIN_ALONE:
-                return reply
-        return self.fit_alone(strategy, tasks, epochs, params)
-
-    def fit_alone(
-        self,
-        strategy: Strategy,
-        tasks: Sequence[Task],
-        epochs: int | None = None,
-        params: Sequence[torch.nn.Parameter] | None = None,
-    ) -> list[float]:
-        """``fit`` in this process on its own: the step loop."""
+                return reply  # trained with other members; else the member trains here, alone
         assert self.stream is not None, "Trainer.attach(stream, seed) must run before fit"
         stream, current, data = self.stream, tasks[-1], TrainingSet.of(tasks)
         epochs = self.epochs if epochs is None else epochs

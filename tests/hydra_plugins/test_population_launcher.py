@@ -25,6 +25,11 @@ def clbench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def population_sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python -m clbench -m hydra/launcher=population <overrides>`` with quiet settings, results in ``tmp_path``."""
+    return clbench("-m", "hydra/launcher=population", *overrides, *QUIET, f"results_dir={tmp_path}", cwd=tmp_path)
+
+
 def index_of(results: Path) -> dict:
     (index,) = results.glob("_hydra/sweeps/*/index.json")
     return json.loads(index.read_text())
@@ -73,10 +78,7 @@ def test_a_seed_sweep_runs_as_one_population_with_every_solo_file(tmp_path):
 
 @pytest.mark.slow  # the grouping's note is also checked in-process (test_jobs_that_differ_...)
 def test_a_strategy_without_the_declaration_runs_its_jobs_one_by_one(tmp_path):
-    done = clbench(
-        "-m", "hydra/launcher=population", "strategy=wsn", "seed=0,1", "stream.num_tasks=2", *QUIET,
-        f"results_dir={tmp_path}", cwd=tmp_path,
-    )  # fmt: skip
+    done = population_sweep(tmp_path, "strategy=wsn", "seed=0,1", "stream.num_tasks=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "strategy 'wsn' does not declare population_safe; its 2 jobs run one after another" in done.stdout
     assert "population of" not in done.stdout
@@ -86,10 +88,7 @@ def test_a_strategy_without_the_declaration_runs_its_jobs_one_by_one(tmp_path):
 @pytest.mark.slow  # the member's failure itself is checked in-process (tests/population/test_coordinator.py)
 def test_a_failing_member_fails_its_job_and_the_sweep(tmp_path):
     """lr is batchable: the 4 jobs are one population; the diverging one fails, the others complete."""
-    done = clbench(
-        "-m", "hydra/launcher=population", "trainer.lr=0.05,0.1,1e30,0.2", "stream.num_tasks=2", *QUIET,
-        f"results_dir={tmp_path}", cwd=tmp_path,
-    )  # fmt: skip
+    done = population_sweep(tmp_path, "trainer.lr=0.05,0.1,1e30,0.2", "stream.num_tasks=2")
     assert done.returncode == 1, done.stderr[-3000:]
     assert "clbench: population of 4 jobs" in done.stdout
     assert index_of(tmp_path)["counts"] == {"completed": 3, "failed": 1}
@@ -97,10 +96,7 @@ def test_a_failing_member_fails_its_job_and_the_sweep(tmp_path):
 
 
 def test_a_bad_launcher_setting_is_one_line_and_exit_2(tmp_path):
-    done = clbench(
-        "-m", "hydra/launcher=population", "hydra.launcher.max_members=1", "seed=0,1", *QUIET,
-        f"results_dir={tmp_path}", cwd=tmp_path,
-    )  # fmt: skip
+    done = population_sweep(tmp_path, "hydra.launcher.max_members=1", "seed=0,1")
     assert done.returncode == 2, done.stderr[-3000:]
     assert "hydra.launcher.max_members must be >= 2" in done.stderr
     assert "Traceback" not in done.stderr
