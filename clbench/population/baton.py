@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,8 @@ class Member:
         self.returned: Any = None
         self.raised: BaseException | None = None
         self.ended = False
+        self.waited = 0.0  # seconds spent waiting for the baton (rendezvous.clock leaves them out)
+        self.credited = 0.0  # seconds of batched fits counted as this member's share
         self._state: GlobalState | None = None
         self._go = threading.Event()
         self._back = threading.Event()
@@ -123,7 +126,9 @@ class Member:
         """Give the baton back with ``request`` and block until resumed (member side); returns the reply."""
         self.request, self.reply = request, None
         self._go.clear()
+        started = time.perf_counter()
         self._back.set()
         self._go.wait()
+        self.waited += time.perf_counter() - started
         self.request = None
         return self.reply

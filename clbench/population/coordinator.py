@@ -11,6 +11,7 @@ and then ends the population.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,20 +41,24 @@ def plan(requests: Sequence[rendezvous.FitRequest]) -> list[list[tuple[int, Memb
     return batched + alone
 
 
-def train_round(requests: Sequence[rendezvous.FitRequest]) -> list[Any]:
-    """Per request, the reply its member gets: epoch losses, an error, or ``TRAIN_ALONE``."""
+def train_round(requests: Sequence[rendezvous.FitRequest]) -> tuple[list[Any], list[float]]:
+    """Per request, the reply its member gets (epoch losses, an error, or ``TRAIN_ALONE``) and its share of
+    the batched fit's wall time (0 for a fit trained alone, which its member times itself)."""
     replies: list[Any] = [rendezvous.TRAIN_ALONE] * len(requests)
+    shares = [0.0] * len(requests)
     for group in plan(requests):
         fits = [fit for _, fit in group if fit is not None]
         if len(fits) < 2:
             continue
+        started = time.perf_counter()
         try:
             results = fit_together(fits)
-        except Exception as error:
+        except Exception as error:  # a batched fit that cannot go on fails each of its members
             results = [error] * len(fits)
+        share = (time.perf_counter() - started) / len(fits)
         for (position, _), result in zip(group, results, strict=True):
-            replies[position] = result
-    return replies
+            replies[position], shares[position] = result, share
+    return replies, shares
 
 
 def run_members(targets: Sequence[Callable[[], Any]]) -> list[Member]:
@@ -66,9 +71,10 @@ def run_members(targets: Sequence[Callable[[], Any]]) -> list[Member]:
         for member in members:
             member.resume()
         while waiting := [m for m in members if not m.ended]:
-            replies = train_round([m.request for m in waiting])
-            for member, reply in zip(waiting, replies, strict=True):
+            replies, shares = train_round([m.request for m in waiting])
+            for member, reply, share in zip(waiting, replies, shares, strict=True):
                 member.reply = reply
+                member.credited += share
                 member.resume()
     except KeyboardInterrupt:
         for member in members:

@@ -10,6 +10,7 @@ member runs the very same ``fit`` itself (still one thread at a time). A failure
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,16 @@ class FitRequest:
 def current_member() -> Member | None:
     """The population member this thread runs, or None (a solo run, or the coordinator itself)."""
     return getattr(_local, "member", None)
+
+
+def clock() -> float:
+    """``time.perf_counter()`` for a solo run; in a population member, the member's own time: the wall clock
+    less the time it waited for the baton, plus its share of the batched fits it took part in (a fit's wall time
+    divided by its members). So a member's ``fit_s`` / ``eval_s`` in result.json measure its work, not the
+    other members' (the runner times tasks with this clock)."""
+    member = current_member()
+    now = time.perf_counter()
+    return now if member is None else now - member.waited + member.credited
 
 
 def bind(member: Member) -> None:

@@ -150,3 +150,16 @@ def test_a_hook_that_draws_from_the_global_generator_is_refused(tmp_path):
     for member in members:
         assert isinstance(member.raised, RuntimeError)
         assert "global generator" in str(member.raised)
+
+
+def test_a_members_timings_count_its_own_work_not_its_wait(tmp_path):
+    """fit_s / eval_s of a member are its share of the batched fits plus its own work: over all members they add up
+    to no more than the population's wall time (timed by the wall clock, each member's fit_s would also hold
+    every other member's setup, evaluation and writing, and their sum would be several times the wall time)."""
+    import time
+
+    started = time.perf_counter()
+    members = run_members([functools.partial(run_config, [*EXACT, f"seed={s}"], tmp_path) for s in range(4)])
+    wall = time.perf_counter() - started
+    timed = sum(sum(m.returned["timings"]["fit_s"]) + sum(m.returned["timings"]["eval_s"]) for m in members)
+    assert 0 < timed <= wall
