@@ -116,6 +116,12 @@ class LwF(Strategy):
             return torch.stack(terms).sum()
         with torch.no_grad():
             old_output = self.old_model.heads(old_features, None)
+        if self.stream.mask_absent_classes:
+            # the trainer pushed the logits of classes absent from the fit to the dtype's minimum for the
+            # cross-entropy (SCoLe's group masking); distil the model's own outputs, or a seen class absent now
+            # makes the KL term overflow to inf
+            assert self._features is not None
+            output = self.model.heads(self._features, None)
         if self.stream.scenario == "class":
             assert self.seen_units is not None
             return distillation(output[:, self.seen_units], old_output[:, self.seen_units], self.temperature)
