@@ -86,7 +86,7 @@ from clbench.models.bayesian import (
     set_prior,
     standard_normal_quantile,
 )
-from clbench.strategy import Batch, Strategy
+from clbench.strategy import Batch, Strategy, UnsupportedScenarioError
 from clbench.streams import Stream, Task
 from clbench.trainer import NonFiniteLossError, Trainer
 
@@ -263,8 +263,8 @@ class IBCL(Strategy):
         """Keep ``model`` as the deterministic model that zero-shot parameters are loaded into, and train a
         Bayesian copy of it."""
         super().setup(model, stream)
-        if not stream.square:
-            raise ValueError(
+        if not stream.square:  # a pair that cannot run by design: a comparison sweep records it as skipped
+            raise UnsupportedScenarioError(
                 f"strategy ibcl needs a stream evaluated on its own tasks (square R); {stream.name} is not: "
                 "pick another stream"
             )

@@ -325,3 +325,13 @@ def test_official_mode_records_ten_draws_per_preference_and_their_mean_as_the_ro
     assert default.extra_results()["ibcl"]["mode"] == "clbench" and default.extra_results()["ibcl"]["draw_rows"] == []
     with pytest.raises(ValueError, match=r"strategy\.mode"):
         IBCL(mode="pyro")
+
+
+def test_a_stream_without_square_r_is_an_unsupported_pair(run_tiny):
+    """IBCL on a SCoLe stream cannot run by design: a comparison sweep must record it as skipped, not failed (the
+    scole_mnist5k glob sweep counted it as a failure and exited 1)."""
+    from clbench.__main__ import _is_skip
+
+    with pytest.raises(ValueError, match="square R") as raised:
+        run_tiny(["protocol=scole_mnist5k", "strategy=ibcl", "stream.num_tasks=4", "stream.samples_per_class=20"])
+    assert _is_skip(raised.value)
