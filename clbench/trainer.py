@@ -180,6 +180,17 @@ class Trainer:
         lr = self.lr if lr is None else lr
         return torch_optimizer(self.optimizer, params, lr, self.momentum, self.weight_decay, capturable)
 
+    def block_inputs(self, strategy: Strategy, task: Task, closed_form: bool) -> batches.BlockInputs:
+        """How a fit makes a block of training inputs (and, for closed-form steps, the strategy's
+        ``prepare_block`` extra); a population's batched fit makes each member's the same way."""
+
+        def make(index: Tensor, ids: int | Tensor) -> tuple[Tensor, Tensor | None]:
+            with self.block_threading():
+                x = self.model_inputs("train", index, ids)
+                return x, strategy.prepare_block(x, task) if closed_form else None
+
+        return make
+
     def prefetch_steps(self) -> int:
         """How many steps' inputs one block prepares (``prefetch_mb``; see :func:`clbench.batches.prefetch_steps`)."""
         assert self.stream is not None
@@ -235,10 +246,7 @@ class Trainer:
         def step_fn(batch: Batch) -> tuple[Tensor, Tensor]:
             return self._train_step(strategy, batch, current, absent, optimizer)
 
-        def block_inputs(index: Tensor, ids: int | Tensor) -> tuple[Tensor, Tensor | None]:
-            with self.block_threading():
-                x = self.model_inputs("train", index, ids)
-                return x, None if closed is None else strategy.prepare_block(x, current)
+        block_inputs = self.block_inputs(strategy, current, closed is not None)
 
         graphed = None
         if self._recording:

@@ -170,14 +170,9 @@ class MemberFit:
 
     def batches(self, shuffled: TrainingSet) -> Iterator[tuple[int, slice, Batch, int]]:
         """The epoch's batches, inputs made a block at a time as the solo fit makes them."""
-        trainer, strategy, current = self.request.trainer, self.request.strategy, self.request.tasks[-1]
-
-        def block_inputs(index: Tensor, ids: int | Tensor) -> tuple[Tensor, Tensor | None]:
-            with trainer.block_threading():
-                x = trainer.model_inputs("train", index, ids)
-                return x, None if self.closed is None else strategy.prepare_block(x, current)
-
-        return shuffled.batches(trainer.batch_size, trainer.prefetch_steps(), block_inputs)
+        trainer = self.request.trainer
+        prepare = trainer.block_inputs(self.request.strategy, self.request.tasks[-1], self.closed is not None)
+        return shuffled.batches(trainer.batch_size, trainer.prefetch_steps(), prepare)
 
 
 class _Quiet:
@@ -192,7 +187,6 @@ class Stacks:
     slices for the fit; :meth:`release` gives every parameter its own storage again."""
 
     def __init__(self, fits: Sequence[MemberFit], requires_grad: bool, layers: int) -> None:
-        self.fits = fits
         self.tensors: list[tuple[Tensor, Tensor | None]] = []
         self.params: list[list[Tensor]] = []
         self.trainable: list[tuple[bool, bool]] = []  # per layer: weight, bias require gradients
