@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from clbench.models import ContinualModel, reset_parameters
-from clbench.strategy import Strategy
+from clbench.strategy import Strategy, UnsupportedScenarioError
 from clbench.streams import Stream, Task, TaskIds
 
 
@@ -20,6 +20,11 @@ class Independent(Strategy):
     accuracy (FWT is exactly 0) and a trained model never changes again (BWT is exactly 0). It reads the
     task id at test time in every scenario (``uses_task_oracle``): its diagonal is the single-task
     expert accuracy a*_j that intransigence and the L2M metrics compare against.
+
+    It needs a stream whose evaluation sets are its training tasks (square R). Where one evaluation set spans
+    every task's classes (SCoLe: 200 two-class tasks, one full test set), no task id names the model that should
+    answer; reading the evaluation set's id 0 made the model of task 0, which never saw eight of the ten classes,
+    answer every row (9.9 %), and any other pick (the newest model, a vote) would be a different method.
     """
 
     name = "independent"
@@ -27,6 +32,11 @@ class Independent(Strategy):
 
     def setup(self, model: ContinualModel, stream: Stream) -> ContinualModel:
         super().setup(model, stream)
+        if not stream.square:  # a pair that cannot run by design: a comparison sweep records it as skipped
+            raise UnsupportedScenarioError(
+                "strategy independent needs a stream evaluated on its own tasks (square R), one model answering "
+                f"each; {stream.name} evaluates one set that no task's model was trained for: pick another stream"
+            )
         models = [model]
         for _ in range(1, len(stream)):
             fresh = copy.deepcopy(model)
