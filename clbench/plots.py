@@ -1,4 +1,5 @@
-"""Annotated heatmaps of accuracy, forgetting and transfer matrices (files and W&B images)."""
+"""The report's figures (matplotlib): mean-R grids, accuracy curves, BWT/FWT scatter, Pareto fronts, and a long
+stream's accuracy curve. A run's own heatmaps are :mod:`clbench.heatmap`'s."""
 
 from __future__ import annotations
 
@@ -13,59 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-MAX_ANNOTATED = 25
-"""Up to this many rows every cell carries its value; beyond it the text would be unreadable."""
-MAX_INCHES = 14.0
-"""The figure grows 0.6 inch per task up to this side; a 100-task R would otherwise be a 60-inch, 40-megapixel
-image costing seconds and over a GiB to render (the cells just get smaller)."""
-MAX_TICKS = 25
-"""At most this many labelled ticks per axis (every k-th task beyond it)."""
-
-
-def text_colour(rgba: Sequence[float]) -> str:
-    """Black or white, whichever reads better on a cell of colour ``rgba``: black where the cell's relative
-    luminance (WCAG 2.x, from linearised sRGB) exceeds 0.179, the point where both contrast ratios are equal.
-    A fixed threshold on the value fails on diverging maps, whose middle (0.0 on RdBu) is white."""
-    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
-    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
-    return "black" if luminance > 0.179 else "white"
-
-
-def matrix_figure(matrix: np.ndarray, title: str, cmap: str = "viridis", symmetric: bool = False) -> Figure:
-    """A heatmap, every finite cell annotated up to ``MAX_ANNOTATED`` rows; rows are 'after training task i',
-    columns 'task j'."""
-    values = np.asarray(matrix, dtype=np.float64)
-    size = min(MAX_INCHES, max(3.0, 0.6 * values.shape[1] + 1.5))
-    figure, axes = plt.subplots(figsize=(size, size * 0.85))
-    finite = values[np.isfinite(values)]
-    if symmetric and finite.size:
-        bound = max(1e-9, float(np.abs(finite).max()))
-        limits = {"vmin": -bound, "vmax": bound}
-    else:
-        limits = {"vmin": 0.0, "vmax": 100.0} if not symmetric else {}
-    image = axes.imshow(np.ma.masked_invalid(values), cmap=cmap, **limits)
-    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
-    if values.shape[0] <= MAX_ANNOTATED and values.shape[1] <= MAX_ANNOTATED:
-        for (i, j), value in np.ndenumerate(values):
-            if np.isfinite(value):
-                colour = text_colour(image.cmap(image.norm(value)))
-                label = axes.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7, color=colour)
-                # inside its cell: tight_layout need not measure it (for 20 x 20 cells, 0.1 s of 0.2 s)
-                label.set_in_layout(False)
-    axes.set_xlabel("evaluated on task j")
-    axes.set_ylabel("after training task i")
-    axes.set_xticks(range(0, values.shape[1], -(-values.shape[1] // MAX_TICKS)))
-    axes.set_yticks(range(0, values.shape[0], -(-values.shape[0] // MAX_TICKS)))
-    axes.set_title(title)
-    figure.tight_layout()
-    return figure
-
-
-def save_matrix(matrix: np.ndarray | Sequence[Sequence[float]], title: str, path: Path, **kwargs) -> Path:
-    figure = matrix_figure(np.asarray(matrix, dtype=np.float64), title, **kwargs)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+from clbench.heatmap import MAX_TICKS, text_colour
 
 
 def save_curve(values: Sequence[float], title: str, path: Path) -> Path:

@@ -408,7 +408,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                 "forward_transfer": metrics.forward_transfer_matrix(acc_matrix, random_init_acc),
             }
             if plots:
-                from clbench.plots import save_matrix  # matplotlib: ~0.6 s to import, paid only when drawing
+                from clbench.heatmap import save_matrix
 
                 result["paths"]["heatmap"] = str(save_matrix(acc_matrix, f"{title}: R (%)", run_dir / "acc_matrix.png"))
         else:
