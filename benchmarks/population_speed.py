@@ -85,12 +85,13 @@ def cpu(args: argparse.Namespace) -> None:
         for s in seeds
     )
     solo = min(next(r for r in rows if r[0].endswith("solo processes"))[1])
+    threads = next((e.split("=", 1)[1] for e in args.extra if e.startswith("cpu_threads=")), "default")
     lines = [
         f"# Population launcher speed: {len(seeds)} seeds of the default job on this CPU",
         "",
         f"`python benchmarks/population_speed.py cpu --seeds {args.seeds} --repeats {args.repeats}"
         + (f" --extra {' '.join(args.extra)}" if args.extra else "")
-        + f"` on {platform.node()} ({os.cpu_count()} CPUs, torch threads: default), load average "
+        + f"` on {platform.node()} ({os.cpu_count()} CPUs, torch threads: {threads}), load average "
         f"{load_before:.2f} before and {os.getloadavg()[0]:.2f} after. The default job: 5-task Permuted "
         "MNIST-5k, MLP 784-100-100, 3 epochs, SGD lr 0.1, W&B offline, plots; every way runs the same seeds "
         "into a fresh results folder. Wall time of the whole thing (processes started, configs composed, "
@@ -112,7 +113,7 @@ def cpu(args: argparse.Namespace) -> None:
             "another order than single ones on more than one thread; see population_correctness.md)."
         ),
     ]
-    out = RESULTS / "population_speed.md"
+    out = args.out or RESULTS / "population_speed.md"
     out.write_text("\n".join(lines) + "\n")
     shutil.rmtree(root, ignore_errors=True)
     print(f"wrote {out}")
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
+    parser.add_argument("--out", type=Path, default=None, help="markdown file to write (cpu: default results/)")
     args = parser.parse_args()
     cpu(args) if args.device == "cpu" else gpu(args)
 
