@@ -108,6 +108,36 @@ def test_scale_out_presets_compose(preset):
     assert cfg.hydra[group]._target_.startswith("hydra_plugins.")
 
 
+def test_sweeps_started_in_the_same_second_get_their_own_folders(monkeypatch):
+    """Two sweeps started within one second (a script starting one per protocol) shared
+    ``_hydra/sweeps/<second>``, so their job folders 0, 1, ... and index.json overwrote each other: the folder
+    name carries microseconds. Two processes are two resolutions of Hydra's ``now`` at different instants."""
+    import datetime as real_datetime
+
+    import hydra.core.utils as hydra_utils
+    from hydra import compose, initialize_config_dir
+
+    from clbench.__main__ import CONFIG_DIR, register_resolvers
+
+    register_resolvers()
+    folders = []
+    for microsecond in (1, 2):  # the same second, as two processes would see it
+
+        class Clock(real_datetime.datetime):
+            instant = real_datetime.datetime(2026, 11, 30, 17, 0, 0, microsecond)
+
+            @classmethod
+            def now(cls, tz=None):
+                return cls.instant
+
+        monkeypatch.setattr(hydra_utils, "datetime", Clock)
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["results_dir=/r"], return_hydra_config=True)
+        folders.append((str(cfg.hydra.sweep.dir), str(cfg.hydra.run.dir)))
+    assert folders[0][0] != folders[1][0] and folders[0][1] != folders[1][1]
+    assert folders[0][0].startswith("/r/_hydra/sweeps/2026-11-30_17-00-00")
+
+
 def test_unknown_group_choice_lists_known_names(tmp_path, monkeypatch, capsys):
     """main() in-process: group names are checked before Hydra starts (tests/test_reliability.py runs this path
     through a fresh ``python -m clbench``)."""
