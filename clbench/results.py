@@ -7,6 +7,7 @@ truncated file behind.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import io
@@ -15,9 +16,11 @@ import math
 import os
 import pickle
 import platform
+import stat
 import subprocess
 import tempfile
 import threading
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -135,11 +138,12 @@ def config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(json_ready(config), sort_keys=True).encode()).hexdigest()[:8]
 
 
-PATH_KEYS = ("root", "download", "dataset_root")
+PATH_KEYS = ("root", "download", "dataset_root", "cache_dir")
 
 
 def without_paths(node: Any) -> Any:
-    """A config node without where-the-data-lives keys, at any depth (they do not change results)."""
+    """A config node without where-the-data-lives (or where-the-weights-live) keys and download switches, at any
+    depth: they do not change results, and moving a data or weights folder must not change a run's id."""
     if isinstance(node, dict):
         return {k: without_paths(v) for k, v in node.items() if k not in PATH_KEYS}
     if isinstance(node, list):
@@ -183,17 +187,65 @@ def pretrain_cache_identity(checkpoint: str) -> str:
     return checkpoint
 
 
+RECENTLY_WRITTEN_S = 2.0
+"""A file modified less than this long ago is hashed afresh every time, never from the cache: file times tick in
+steps (a few ms on Linux, up to 2 s on FAT and some network filesystems), so weights saved twice within one step
+into the same file can leave size, times and inode as they were (as git treats a "racily clean" file)."""
+
+
+def _sha256(path: Path) -> str:
+    """The sha256 of ``path``'s bytes, read in chunks (never the whole file in memory)."""
+    with path.open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+@functools.cache
+def _cached_sha256(path: Path, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    """:func:`_sha256`, cached by the file's size, times and inode as well as its path: a file saved again under
+    the same name is hashed again, and one that stays as it is is read once per process however many runs or
+    results (a report over a sweep) name it."""
+    return _sha256(path)
+
+
+def checkpoint_identity(checkpoint: str) -> str:
+    """What ``model.checkpoint`` loads, for a run's identity: ``pretrain:<hash>`` for the pretraining cache (its
+    folder is already named by the hash of what made it: :func:`pretrain_cache_identity`), otherwise
+    ``sha256:<hex>`` of the file's bytes. A path alone let a rerun after new weights were saved into the same
+    file reuse the old weights' result; the same bytes under another path are the same experiment.
+
+    A file that cannot be read gets ``unreadable:<path>``, an identity no completed run has, so the runner goes on
+    to build the model, whose loader stops with its one-line error (and a report over results whose file has since
+    gone still reads them)."""
+    pretrained = pretrain_cache_identity(checkpoint)
+    if pretrained != checkpoint:
+        return pretrained
+    path = Path(checkpoint).expanduser()
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            return f"unreadable:{checkpoint}"
+        if time.time_ns() - info.st_mtime_ns < RECENTLY_WRITTEN_S * 1e9:
+            digest = _sha256(path)
+        else:
+            digest = _cached_sha256(path.resolve(), info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+    except OSError:
+        return f"unreadable:{checkpoint}"
+    return f"sha256:{digest}"
+
+
 def experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a resolved config that change results (not paths, loggers, progress bars or speed-only
-    switches): the run id hashes it, and the report groups runs by it (all of it but the seed)."""
+    switches): the run id hashes it, and the report groups runs by it (all of it but the seed). A user's
+    ``model.checkpoint`` enters by its content (:func:`checkpoint_identity`); the model's weights folder and
+    download switch (``cache_dir``, ``download``) are left out as the stream's data paths are."""
     stream = without_paths(config.get("stream", {}))
     trainer = {k: v for k, v in (config.get("trainer") or {}).items() if k not in RESULT_NEUTRAL_TRAINER_KEYS}
     keys = ("strategy", "seed", "deterministic")
     model = config.get("model")
     if isinstance(model, dict):
-        model = {k: v for k, v in model.items() if k not in MODEL_KEYS_OFF or v != MODEL_KEYS_OFF[k]}
+        model = without_paths({k: v for k, v in model.items() if k not in MODEL_KEYS_OFF or v != MODEL_KEYS_OFF[k]})
         if isinstance(model.get("checkpoint"), str):
-            model["checkpoint"] = pretrain_cache_identity(model["checkpoint"])
+            model["checkpoint"] = checkpoint_identity(model["checkpoint"])
     return {"stream": stream, "trainer": trainer, "model": model, **{k: config.get(k) for k in keys}}
 
 

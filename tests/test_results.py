@@ -1,11 +1,16 @@
 """Provenance in result.json (version, git state, strategy source hash) and the rerun of a stale result."""
 
+import hashlib
 import importlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from clbench import results
 from clbench.strategy import Strategy
@@ -139,4 +144,99 @@ def test_a_pretrain_cache_checkpoint_is_identified_by_its_hash_not_by_the_result
     assert results.config_digest(identity) == results.config_digest(results.experiment_identity(config(there)))
     other_recipe = f"results/{CACHE_FOLDER}/ef34ab/{CHECKPOINT_NAME}"
     assert results.experiment_identity(config(other_recipe))["model"]["checkpoint"] == "pretrain:ef34ab"
-    assert results.experiment_identity(config("/data/body.pt"))["model"]["checkpoint"] == "/data/body.pt"
+    # the cache files above are named by their folder, never read (none exists); any other file is read, and one
+    # that is not there has an identity no completed run has, so the run goes on to the loader's error
+    assert results.experiment_identity(config("/data/body.pt"))["model"]["checkpoint"] == "unreadable:/data/body.pt"
+
+
+def _checkpoint_config(checkpoint: str | None, **model) -> dict:
+    return {
+        "stream": {"name": "s"},
+        "trainer": {"lr": 0.1},
+        "model": {"hidden": [8], "checkpoint": checkpoint, "freeze": [], **model},
+        "strategy": {},
+        "seed": 0,
+    }
+
+
+def _digest(config: dict) -> str:
+    return results.config_digest(results.experiment_identity(config))
+
+
+def test_a_user_checkpoint_enters_the_identity_by_its_content_not_its_path(tmp_path):
+    # What is asserted: new weights saved into the same file give another run id (the path alone let a rerun
+    # reuse the old weights' result); the same bytes under another name give the same run id.
+    torch.manual_seed(0)
+    body = tmp_path / "body.pt"
+    torch.save({"weight": torch.randn(4, 4)}, body)
+    first = _digest(_checkpoint_config(str(body)))
+    assert results.experiment_identity(_checkpoint_config(str(body)))["model"]["checkpoint"].startswith("sha256:")
+    torch.save({"weight": torch.randn(4, 4)}, body)  # same size, other weights
+    assert _digest(_checkpoint_config(str(body))) != first
+    copy = tmp_path / "elsewhere" / "copy.pt"
+    copy.parent.mkdir()
+    shutil.copyfile(body, copy)
+    assert _digest(_checkpoint_config(str(copy))) == _digest(_checkpoint_config(str(body)))
+
+
+def test_a_checkpoint_is_read_once_however_often_its_identity_is_asked(tmp_path, monkeypatch):
+    """A file of a few hundred MB is hashed once per process while it stays as it is; saved again, once more."""
+    reads = []
+    file_digest = hashlib.file_digest
+    monkeypatch.setattr(results.hashlib, "file_digest", lambda *a, **k: reads.append(1) or file_digest(*a, **k))
+    body = tmp_path / "once.pt"
+    torch.save({"weight": torch.zeros(3)}, body)
+    an_hour_ago = time.time() - 3600
+    os.utime(body, (an_hour_ago, an_hour_ago))
+    for _ in range(3):
+        results.experiment_identity(_checkpoint_config(str(body)))
+    assert len(reads) == 1
+    torch.save({"weight": torch.ones(3)}, body)  # same size
+    after = results.experiment_identity(_checkpoint_config(str(body)))
+    assert len(reads) == 2 and after["model"]["checkpoint"] == f"sha256:{hashlib.sha256(body.read_bytes()).hexdigest()}"
+
+
+def test_a_file_written_just_now_is_never_taken_from_the_cache(tmp_path, monkeypatch):
+    """File times tick in steps: two saves within one step into one file can leave size, times and inode equal, so
+    a recently written file is hashed each time (a cached digest could be the first save's)."""
+    monkeypatch.setattr(results, "_cached_sha256", lambda *key: "a digest from the cache")
+    body = tmp_path / "racy.pt"
+    for weights in (b"first weights", b"other weights"):
+        body.write_bytes(weights)
+        identity = results.experiment_identity(_checkpoint_config(str(body)))
+        assert identity["model"]["checkpoint"] == f"sha256:{hashlib.sha256(weights).hexdigest()}"
+    an_hour_ago = time.time() - 3600
+    os.utime(body, (an_hour_ago, an_hour_ago))
+    cached = results.experiment_identity(_checkpoint_config(str(body)))["model"]["checkpoint"]
+    assert cached == "sha256:a digest from the cache"
+
+
+def test_a_models_weights_folder_and_download_switch_leave_the_identity():
+    # What is asserted: moving open_clip's cache folder (or downloading into it) keeps a run's id; the weights
+    # tag and the architecture still change it.
+    clip = {"model_name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k", "cache_dir": "/data/open_clip"}
+    here = _digest(_checkpoint_config(None, **clip, download=False))
+    moved = {**clip, "cache_dir": "/scratch/me/open_clip", "download": True}
+    assert _digest(_checkpoint_config(None, **moved)) == here
+    assert _digest(_checkpoint_config(None, **{**clip, "pretrained": "openai"})) != here
+    assert _digest(_checkpoint_config(None, **{**clip, "model_name": "ViT-B-16"})) != here
+
+
+def test_a_rerun_after_new_weights_were_saved_into_the_checkpoint_trains_again(run_tiny, tmp_path, cli_error_line):
+    """End to end: the same command with the same file reuses its result; with new weights in that file it is a
+    new run; with the file gone it stops with the loader's one-line error, not with an old result."""
+    from clbench.models import MLP
+
+    body = tmp_path / "mlp.pt"
+    overrides = [*TWO_SMALL_TASKS, "plots=false", f"model.checkpoint={body}"]
+    torch.manual_seed(1)
+    torch.save(MLP((1, 28, 28), [10], hidden=[100, 100]).state_dict(), body)
+    first = run_tiny(overrides)
+    assert run_tiny(overrides)["started_at"] == first["started_at"]  # resumed: already completed
+    torch.manual_seed(2)
+    torch.save(MLP((1, 28, 28), [10], hidden=[100, 100]).state_dict(), body)
+    second = run_tiny(overrides)
+    assert second["run_id"] != first["run_id"] and second["status"] == "completed"
+    assert second["metrics"]["acc"] != first["metrics"]["acc"]
+    body.unlink()  # the CLI's one line (exit code 2), not the result of weights that are gone
+    assert f"model.checkpoint={body}: no such file" in cli_error_line([*overrides, "device=cpu"], tmp_path / "results")
