@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clbench.models import ContinualModel
+from clbench.ncm import NearestClassMean
 from clbench.strategy import Strategy, UnsupportedScenarioError
 from clbench.streams import Stream, Task
 from clbench.trainer import Trainer
@@ -26,12 +27,17 @@ INITIAL = -1
 def nearest_class_mean_accuracy(
     support_features: Tensor, support_y: Tensor, query_features: Tensor, query_y: Tensor
 ) -> float:
-    """Accuracy (percent) of a nearest-class-mean classifier: class means of the support features, each
-    query goes to the closest mean (Euclidean); classes absent from the support cannot be predicted."""
-    classes = support_y.unique()
-    means = torch.stack([support_features[support_y == c].mean(0) for c in classes])
-    predicted = classes[torch.cdist(query_features, means).argmin(1)]
-    return float((predicted == query_y).double().mean()) * 100.0
+    """Accuracy (percent) of a nearest-class-mean classifier (:class:`clbench.ncm.NearestClassMean`): class means
+    of the support features, each query to the closest mean; classes absent from the support cannot be predicted.
+
+    Euclidean on the raw features, not iCaRL's cosine on normalised ones (the control set's readout): the scorer
+    stands in for the zero-shot accuracy of a head where the new task's head is untrained, and Euclidean NCM is
+    itself a linear classifier over the features (``mu_c . f - |mu_c|^2 / 2``), which reads their magnitude as a
+    trained head would. Scoring by NCM where the head is untrained is clbench's rule, not one read in Fisch et
+    al. (only their abstract could be read: see the class docstring); the metric is the scorer's first one."""
+    num_classes = int(torch.cat([support_y, query_y]).max()) + 1
+    ncm = NearestClassMean.fit(support_features, support_y, num_classes, "euclidean")
+    return float((ncm.predict(query_features) == query_y).double().mean()) * 100.0
 
 
 def transfer_probability(gain: float, weight: float, bias: float) -> float:
@@ -78,12 +84,13 @@ class SelectiveInit(Strategy):
 
     Scoring must use a head that exists for task t. In the task scenario task t's head is freshly
     initialised, so a zero-shot head accuracy would be chance for every candidate; the ``auto`` scorer then
-    uses a nearest-class-mean classifier on the shared body's features (class means from the support,
-    accuracy on the query): it needs no trained head, uses only what the candidates differ in, and treats
-    each one identically. The class scenario gets the same rule (task t's output units are untrained). In
-    the domain scenario the shared head has been trained, so ``auto`` reads the candidate's own
-    predictions, as the paper's zero-shot accuracy does. After few steps the head has been trained on the
-    support (starting, for every candidate, from the current model's head), so ``few_step`` reads the head.
+    uses a nearest-class-mean classifier on the shared body's features (Euclidean, class means from the
+    support, accuracy on the query: :func:`nearest_class_mean_accuracy`): it needs no trained head, uses only
+    what the candidates differ in, and treats each one identically. The class scenario gets the same rule
+    (task t's output units are untrained). In the domain scenario the shared head has been trained, so
+    ``auto`` reads the candidate's own predictions, as the paper's zero-shot accuracy does. After few steps
+    the head has been trained on the support (starting, for every candidate, from the current model's head),
+    so ``few_step`` reads the head.
 
     Checkpoints hold the whole model. In the task scenario only the shared body is loaded as an
     initialisation: heads stay as they are, so task t starts from its fresh head. Elsewhere the whole model

@@ -65,6 +65,16 @@ def test_nearest_class_mean_by_hand():
     assert accuracy == pytest.approx(200 / 3)
 
 
+def test_nearest_class_mean_is_euclidean_on_raw_features_not_cosine():
+    """The scorer stands in for an untrained head: Euclidean NCM on the raw features (a linear classifier), not
+    the control set's cosine one (clbench.ncm). Class 0 lies far out along x, class 2 near the origin along y
+    (class 1 has no support: never predicted); the query (2, 1) points along x but is nearest class 2's mean."""
+    support = torch.tensor([[8.0, 0.0], [12.0, 0.0], [1.0, 1.0], [-1.0, 1.0]])
+    labels, query = torch.tensor([0, 0, 2, 2]), torch.tensor([[2.0, 1.0], [0.0, 0.0]])
+    assert nearest_class_mean_accuracy(support, labels, query, torch.tensor([2, 2])) == pytest.approx(100.0)
+    assert nearest_class_mean_accuracy(support, labels, query, torch.tensor([0, 1])) == pytest.approx(0.0)
+
+
 @pytest.mark.parametrize("mode", ["zero_shot", "few_step"])
 def test_repeated_task_starts_from_its_own_checkpoint(mode):
     stream = repeat_stream("domain", flip_task_1=True)
