@@ -8,9 +8,16 @@ dataset clbench loads, which of its classes, and a readout that turns the model'
 * ``head``: the control head saved in the pretraining checkpoint (``control.checkpoint``, read by
   :func:`clbench.pretrain.load_control_head`: the head, its classes, its dataset) applied to ``model.features(x)``. It
   stays fixed, so a change in accuracy is a change in the features the pretraining head reads.
-* ``ncm``: nearest class mean (Rebuffi et al., iCaRL 2017) for a control set without a head: at every evaluation,
-  the class means of the L2-normalised features of a fixed sample of the dataset's training images
-  (``ncm_per_class`` per class, drawn once with a fixed seed), and each test image goes to the nearest mean.
+* ``ncm``: nearest class mean (Rebuffi et al., iCaRL 2017; :class:`clbench.ncm.NearestClassMean`, ``cosine``) for
+  a control set without a head: at every evaluation, the class means of the L2-normalised features of a fixed
+  sample of the dataset's training images (``ncm_per_class`` per class, drawn once with a fixed seed), and each test
+  image goes to the nearest mean.
+
+The control set is measured the way a row of R is: its data is a one-task stream built as
+:func:`clbench.pretrain.pretraining_stream` builds the pretraining data (the same input normalisation and label
+order), and its accuracy comes from the run's :class:`~clbench.evaluator.Evaluator` settings (``trainer.eval_amp``,
+``eval_batch_size``, ``channels_last`` ...) through the strategy's ``eval_modules()``, with the readout in place of
+``strategy.predict`` (:class:`ControlReadout`). So R and the control accuracy share precision and eval modes.
 
 The runner keeps the accuracies in a :class:`ControlRecord`: ``control_acc_before`` (before the first task),
 ``control_acc`` (one value per row of R), the control change (final - before) in the metrics, all kept in the
@@ -19,30 +26,72 @@ checkpoint so a resumed run continues them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from clbench.data.base import ImageDataset
+from clbench.ncm import NearestClassMean
 from clbench.pretrain import load_control_head
 from clbench.schema import ConfigError
-
-if TYPE_CHECKING:
-    from clbench.strategy import Strategy
-    from clbench.streams import Stream
+from clbench.strategy import Strategy
+from clbench.streams import Stream, split_stream
+from clbench.trainer import Trainer
 
 READOUTS = ("head", "ncm")
 NCM_SEED = 0  # the NCM sample is the same in every run, so runs compare on the same class means' data
+# What the Evaluator reads of its trainer besides the stream: a control set is measured with the run's values.
+EVALUATION_SETTINGS = ("eval_batch_size", "eval_amp", "batched_eval", "eval_cache_mb", "eval_chunk_mb", "channels_last")
+
+
+def control_stream(dataset: ImageDataset, classes: list[int]) -> Stream:
+    """A control set's data as a one-task stream over ``classes`` (outputs in that order), made as
+    :func:`clbench.pretrain.pretraining_stream` makes the pretraining data: inputs normalised as any stream over
+    ``dataset`` normalises them, targets the positions of ``classes``, so the control head's row k is class
+    ``classes[k]``."""
+    return split_stream(
+        dataset, num_tasks=1, classes_per_task=len(classes), class_order=classes, scenario="task", name=dataset.name
+    )
+
+
+class ControlReadout(Strategy):
+    """The run's strategy read out through a control set: ``predict`` is the readout (the control head, or the
+    NCM scores) of ``strategy.model.features(x)``, and ``eval_modules`` are the strategy's own, so that the
+    trainer's :class:`~clbench.evaluator.Evaluator` measures the control set as it measures a row of R."""
+
+    name = "control_readout"
+
+    def __init__(self, strategy: Strategy, head: nn.Module | None, ncm: NearestClassMean | None) -> None:
+        super().__init__()
+        if (head is None) == (ncm is None):
+            raise ValueError("ControlReadout reads out through exactly one of a head or class means")
+        self.strategy = strategy
+        self.model = strategy.model
+        self.head = head
+        self.ncm = ncm
+
+    def predict(self, x: Tensor, task_id: int | None) -> Tensor:
+        assert self.model is not None
+        features = self.model.features(x).flatten(1)
+        if self.head is not None:
+            return self.head(features)
+        assert self.ncm is not None
+        return self.ncm.scores(features)
+
+    def eval_modules(self) -> list[nn.Module]:
+        return self.strategy.eval_modules()
 
 
 @dataclass
 class ControlSet:
     """One control set (``conf/control/<name>.yaml``): ``dataset`` (an :class:`ImageDataset` node), the
     ``classes`` to evaluate (original labels; null: the checkpoint's for ``head``, all for ``ncm``), the
-    ``readout`` and, for ``head``, the ``checkpoint`` holding the control head."""
+    ``readout`` and, for ``head``, the ``checkpoint`` holding the control head. Its batch sizes are the run's
+    (``trainer.eval_batch_size``, ``eval_chunk_mb``), as R's are."""
 
     name: str
     dataset: ImageDataset
@@ -50,26 +99,22 @@ class ControlSet:
     classes: list[int] | None = None
     checkpoint: str | None = None
     ncm_per_class: int = 50
-    eval_batch_size: int = 1000
-    _x: Tensor | None = field(default=None, init=False, repr=False)
-    _y: Tensor | None = field(default=None, init=False, repr=False)
-    _ncm_x: Tensor | None = field(default=None, init=False, repr=False)
-    _ncm_y: Tensor | None = field(default=None, init=False, repr=False)
+    _stream: Stream | None = field(default=None, init=False, repr=False)
     _head: nn.Linear | None = field(default=None, init=False, repr=False)
-    _scale: Tensor | None = field(default=None, init=False, repr=False)
-    _shift: Tensor | None = field(default=None, init=False, repr=False)
     _num_classes: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:
             raise ConfigError(f"unknown control.readout {self.readout!r}: use one of {', '.join(READOUTS)}")
-        if self.ncm_per_class < 1 or self.eval_batch_size < 1:
-            raise ConfigError("control.ncm_per_class and control.eval_batch_size must be >= 1")
+        if self.ncm_per_class < 1:
+            raise ConfigError("control.ncm_per_class must be >= 1")
 
     # -- set-up (before training: every mistake is a ConfigError, exit 2) ------------------------------------
     def prepare(self, model: nn.Module, stream: Stream) -> None:
-        """Check the control set against the model and stream and put its tensors on the stream's device."""
-        device = stream.device
+        """Check the control set against the model and stream and put its stream on the run's device.
+
+        The control stream's training pool is the NCM sample alone (nothing for ``head``): the rest of the
+        dataset's training images would only take device memory."""
         dataset = self.dataset
         if tuple(dataset.input_shape) != tuple(stream.input_shape):
             raise ConfigError(
@@ -78,25 +123,22 @@ class ControlSet:
             )
         classes = self._readout_classes(dataset)
         self._num_classes = len(classes)
-        position = torch.full((dataset.num_classes,), -1, dtype=torch.int64)
-        position[torch.tensor(classes)] = torch.arange(len(classes))
-        chosen = torch.isin(dataset.y_test, torch.tensor(classes))
-        self._x = dataset.x_test[chosen].to(device)
-        self._y = position[dataset.y_test[chosen]].to(device)
-        peak = 255.0 if dataset.x_test.dtype == torch.uint8 else 1.0
-        mean, std = torch.tensor(dataset.mean), torch.tensor(dataset.std)
-        self._scale = (1.0 / (std * peak)).view(1, -1, 1, 1).to(device)
-        self._shift = (mean / std).view(1, -1, 1, 1).to(device)
-        if self.readout == "ncm":
-            generator = torch.Generator().manual_seed(NCM_SEED)
-            picks = []
-            for label in classes:
-                members = torch.nonzero(dataset.y_train == label).flatten()
-                picks.append(members[torch.randperm(len(members), generator=generator)[: self.ncm_per_class]])
-            index = torch.cat(picks)
-            self._ncm_x = dataset.x_train[index].to(device)
-            self._ncm_y = position[dataset.y_train[index]].to(device)
+        sample = self._ncm_sample(dataset, classes)
+        pool = dataclasses.replace(dataset, x_train=dataset.x_train[sample], y_train=dataset.y_train[sample])
+        self._stream = control_stream(pool, classes).to(stream.device)
         self._check_features(model)
+
+    def _ncm_sample(self, dataset: ImageDataset, classes: list[int]) -> Tensor:
+        """Positions of the NCM sample in the dataset's training images, class by class in ``classes``' order
+        (``ncm_per_class`` of each, drawn with ``NCM_SEED``); none for ``head``."""
+        if self.readout != "ncm":
+            return torch.zeros(0, dtype=torch.int64)
+        generator = torch.Generator().manual_seed(NCM_SEED)
+        picks = []
+        for label in classes:
+            members = torch.nonzero(dataset.y_train == label).flatten()
+            picks.append(members[torch.randperm(len(members), generator=generator)[: self.ncm_per_class]])
+        return torch.cat(picks)
 
     def _readout_classes(self, dataset: ImageDataset) -> list[int]:
         """The classes the readout predicts, in its output order; loads the control head for ``head``."""
@@ -153,11 +195,12 @@ class ControlSet:
         """The model must have ``features`` and, for ``head``, give as many features as the head reads."""
         if not callable(getattr(model, "features", None)):
             raise ConfigError(f"control {self.name}: the model has no features(x): use a clbench ContinualModel")
-        assert self._x is not None
+        assert self._stream is not None
+        task = self._stream.tasks[0]
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            width = model.features(self._inputs(self._x[:1])).flatten(1).shape[1]
+            width = model.features(self._stream.inputs("test", task.test_index[:1], 0)).flatten(1).shape[1]
         model.train(was_training)
         if self._head is not None:
             if self._head.in_features != width:
@@ -165,37 +208,43 @@ class ControlSet:
                     f"control {self.name}: the control head reads {self._head.in_features} features, the model "
                     f"gives {width}: use the model the checkpoint was pretrained with"
                 )
-            self._head = self._head.to(self._x.device)
+            self._head = self._head.to(self._stream.device)
 
     # -- evaluation --------------------------------------------------------------------------------------------
-    def _inputs(self, x: Tensor) -> Tensor:
-        assert self._scale is not None and self._shift is not None
-        return x.float().mul_(self._scale).sub_(self._shift)
-
-    def _features(self, model: nn.Module, x: Tensor) -> Tensor:
-        chunks = [model.features(self._inputs(part)).flatten(1) for part in x.split(self.eval_batch_size)]
-        return torch.cat(chunks)
-
     @torch.no_grad()
-    def accuracy(self, model: nn.Module) -> float:
-        """Control accuracy (percent) of ``model`` as it is now, in eval mode (its mode is restored)."""
-        assert self._x is not None and self._y is not None, "ControlSet.prepare must run first"
-        was_training = model.training
-        model.eval()
+    def accuracy(self, strategy: Strategy, trainer: Trainer) -> float:
+        """Control accuracy (percent) of ``strategy``'s model as it is now, measured as a row of R: by an
+        :class:`~clbench.evaluator.Evaluator` with ``trainer``'s evaluation settings (``EVALUATION_SETTINGS``:
+        ``eval_amp``'s autocast, batch sizes, memory format), the strategy's ``eval_modules()`` in eval mode
+        (their modes are restored after). The evaluator is made for this measurement and dropped after it, so
+        it keeps no prepared inputs between tasks."""
+        assert self._stream is not None, "ControlSet.prepare must run first"
+        evaluation = Trainer(progress=False, **{key: getattr(trainer, key) for key in EVALUATION_SETTINGS})
+        evaluation.attach(self._stream, NCM_SEED)
+        modes = [(module, module.training) for module in strategy.eval_modules()]
         try:
-            features = self._features(model, self._x)
-            if self._head is not None:
-                predicted = self._head(features).argmax(dim=1)
-            else:
-                assert self._ncm_x is not None and self._ncm_y is not None
-                reference = nn.functional.normalize(self._features(model, self._ncm_x), dim=1)
-                means = torch.zeros(self._num_classes, reference.shape[1], device=reference.device)
-                means.index_add_(0, self._ncm_y, reference)
-                means = nn.functional.normalize(means, dim=1)
-                predicted = torch.cdist(nn.functional.normalize(features, dim=1), means).argmin(dim=1)
+            ncm = self._class_means(strategy, evaluation) if self._head is None else None
+            readout = ControlReadout(strategy, self._head, ncm)
+            return float(evaluation.evaluate(readout, give_task_id=False)[0])
         finally:
-            model.train(was_training)
-        return int((predicted == self._y).sum()) * 100.0 / self._y.numel()  # a count: no float32 rounding
+            for module, training in modes:
+                module.train(training)
+
+    def _class_means(self, strategy: Strategy, evaluation: Trainer) -> NearestClassMean:
+        """iCaRL's class means (``cosine``: :mod:`clbench.ncm`) of the NCM sample's features, made as the test
+        images' features are: the same eval modules, inputs and autocast."""
+        assert self._stream is not None and strategy.model is not None
+        task = self._stream.tasks[0]
+        for module in strategy.eval_modules():
+            module.eval()
+        with evaluation.autocast(evaluation=True):
+            features = torch.cat(
+                [
+                    strategy.model.features(evaluation.model_inputs("train", part, task.id)).flatten(1)
+                    for part in task.train_index.split(evaluation.eval_batch_size)
+                ]
+            )
+        return NearestClassMean.fit(features, task.train_targets, self._num_classes, "cosine")
 
     def describe(self) -> dict[str, Any]:
         """What result.json records of the control set."""
@@ -204,7 +253,7 @@ class ControlSet:
             "dataset": self.dataset.name,
             "readout": self.readout,
             "num_classes": self._num_classes,
-            "num_test": 0 if self._y is None else int(self._y.numel()),
+            "num_test": 0 if self._stream is None else self._stream.tasks[0].num_test,
             "checkpoint": self.checkpoint if self.readout == "head" else None,
         }
 
@@ -217,13 +266,16 @@ class ControlRecord:
     control: ControlSet | None
     before: float | None = None
     after_task: list[float | None] = field(default_factory=list)
+    trainer: Trainer | None = field(default=None, repr=False)
 
     @property
     def active(self) -> bool:
         return self.control is not None
 
-    def prepare(self, model: nn.Module, stream: Stream) -> None:
-        """Check the control set against the model and stream before training (:meth:`ControlSet.prepare`)."""
+    def prepare(self, model: nn.Module, stream: Stream, trainer: Trainer) -> None:
+        """Check the control set against the model and stream before training (:meth:`ControlSet.prepare`); the
+        run's ``trainer`` gives every measurement its evaluation settings, read when it is made."""
+        self.trainer = trainer
         if self.control is not None:
             self.control.prepare(model, stream)
 
@@ -231,8 +283,8 @@ class ControlRecord:
         """Measure now: before training (``task_id`` None) or after task ``task_id``; returns the accuracy."""
         if self.control is None:
             return None
-        assert strategy.model is not None
-        value = self.control.accuracy(strategy.model)
+        assert self.trainer is not None, "ControlRecord.prepare must run first"
+        value = self.control.accuracy(strategy, self.trainer)
         if task_id is None:
             self.before = value
         else:

@@ -182,7 +182,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     stream = stream.to(device)
     model = instantiate(cfg.model, input_shape=list(stream.input_shape), head_sizes=stream.head_sizes).to(device)
     strategy.setup(model, stream)
-    control.prepare(strategy.model or model, stream)
+    control.prepare(strategy.model or model, stream, trainer)
     trainer.attach(stream, seed)
     trainer.prepare(strategy)
     steps = cost.StepCounter()

@@ -14,7 +14,9 @@ from clbench.control import ControlRecord, ControlSet
 from clbench.data.base import ImageDataset
 from clbench.models.heads import ContinualModel, MultiHead
 from clbench.schema import ConfigError
+from clbench.strategy import Strategy
 from clbench.streams import split_stream
+from clbench.trainer import Trainer
 
 # three classes of 1x1x2 images whose two pixels point three different ways: (255, 0), (0, 255), (255, 255)
 PATTERNS = torch.tensor([[255, 0], [0, 255], [255, 255]], dtype=torch.uint8)
@@ -47,6 +49,13 @@ def toy_stream(dataset: ImageDataset):
     return split_stream(dataset, num_tasks=1, classes_per_task=3)
 
 
+def measure(control: ControlSet, model: ContinualModel, strategy: type[Strategy] = Strategy, **trainer) -> float:
+    """The control accuracy of ``model`` in a fine-tuning strategy (or ``strategy``), with these trainer settings."""
+    learner = strategy()
+    learner.setup(model, toy_stream(control.dataset))
+    return control.accuracy(learner, Trainer(progress=False, **trainer))
+
+
 def save_head(
     path: Path, weight: Tensor, bias: Tensor, classes: list[int], dataset: str = "toy", body: dict | None = None
 ) -> Path:
@@ -70,7 +79,7 @@ def test_ncm_readout_counts_the_mislabelled_images_wrong():
     control = ControlSet(name="toy", dataset=dataset, readout="ncm", ncm_per_class=5)
     control.prepare(Flat(), toy_stream(dataset))
     # the three patterns point three ways, so NCM gets every image right but the 4 that carry a wrong label
-    assert control.accuracy(Flat()) == pytest.approx(100.0 * 26 / 30)
+    assert measure(control, Flat()) == pytest.approx(100.0 * 26 / 30)
 
 
 def test_head_readout_reads_the_checkpoint_head_and_a_subset_of_its_classes(tmp_path):
@@ -83,19 +92,86 @@ def test_head_readout_reads_the_checkpoint_head_and_a_subset_of_its_classes(tmp_
     control.prepare(Flat(), toy_stream(dataset))
     x = (dataset.x_test.float() / 255 - dataset.mean[0]) / dataset.std[0]
     expected = torch.tensor(classes)[(x.flatten(1) @ weight.T).argmax(1)] == dataset.y_test
-    assert control.accuracy(Flat()) == pytest.approx(100.0 * float(expected.float().mean()))
+    assert measure(control, Flat()) == pytest.approx(100.0 * float(expected.float().mean()))
     # a model that forgot everything (features all zero): the head's ties go to row 0 (class 2): a third right
-    assert control.accuracy(_Blind()) == pytest.approx(100.0 / 3)
+    assert measure(control, _Blind()) == pytest.approx(100.0 / 3)
 
     narrowed = ControlSet(name="toy", dataset=dataset, checkpoint=str(path), classes=[0, 1])
     narrowed.prepare(Flat(), toy_stream(dataset))
     assert narrowed.describe()["num_test"] == 20
-    assert narrowed.accuracy(_Blind()) == pytest.approx(50.0)  # ties go to the first of the two rows: class 0
+    assert measure(narrowed, _Blind()) == pytest.approx(50.0)  # ties go to the first of the two rows: class 0
 
 
 class _Blind(Flat):
     def features(self, x: Tensor) -> Tensor:
         return torch.zeros(x.shape[0], 2)
+
+
+class _BlindWhileTraining(Flat):
+    """Sees the pixels in eval mode, nothing in training mode (a layer whose training-mode output is useless)."""
+
+    def features(self, x: Tensor) -> Tensor:
+        return torch.zeros(x.shape[0], 2) if self.training else x.flatten(1)
+
+
+class _EvaluatesOnlyTheHeads(Strategy):
+    """A strategy whose evaluation leaves the body in training mode: its eval_modules are the heads alone."""
+
+    def eval_modules(self) -> list[nn.Module]:
+        assert self.model is not None
+        return [self.model.heads]
+
+
+@pytest.mark.parametrize("readout", ["head", "ncm"])
+def test_control_set_is_evaluated_in_the_strategys_eval_modes_as_r_is(tmp_path, readout):
+    """The control set goes through the evaluator that fills R: the strategy's eval_modules() are switched to
+    eval mode, not model.eval(). A body the strategy keeps in training mode is blind here, so the head's ties
+    give class 2 (a third right) and NCM's all-zero features give class 0 (a third). It used to be measured in
+    model.eval(), seeing the pixels (100 %), unlike R. The modes are as before afterwards."""
+    dataset = toy_dataset()
+    path = save_head(
+        tmp_path / "pre.pt", torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0]]), torch.zeros(3), [2, 0, 1]
+    )
+    control = ControlSet(name="toy", dataset=dataset, readout=readout, checkpoint=str(path), ncm_per_class=5)
+    control.prepare(Flat(), toy_stream(dataset))
+    assert measure(control, _BlindWhileTraining().eval()) == pytest.approx(100.0)
+    model = _BlindWhileTraining().train()
+    assert measure(control, model, _EvaluatesOnlyTheHeads) == pytest.approx(100.0 / 3)
+    assert model.training and model.heads.training
+
+
+class _Linear(Flat):
+    """features(x) through a linear layer, recording the dtype each call's features come out in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.body.weight.copy_(torch.eye(2))
+            self.body.bias.zero_()
+        self.seen: list[torch.dtype] = []
+
+    def features(self, x: Tensor) -> Tensor:
+        out = self.body(x.flatten(1))
+        self.seen.append(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize("readout", ["head", "ncm"])
+def test_control_set_is_evaluated_at_the_precision_of_r(tmp_path, readout):
+    """Under trainer.eval_amp=bf16 the control set's features (and the NCM sample's) come from a bf16 autocast
+    forward pass as R's logits do; without it, fp32. It used to be fp32 whatever eval_amp said."""
+    dataset = toy_dataset(mislabelled=4)
+    path = save_head(
+        tmp_path / "pre.pt", torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]]), torch.zeros(3), [0, 1, 2]
+    )
+    control = ControlSet(name="toy", dataset=dataset, readout=readout, checkpoint=str(path), ncm_per_class=5)
+    control.prepare(_Linear(), toy_stream(dataset))
+    exact, rounded = _Linear(), _Linear()
+    fp32 = measure(control, exact)
+    assert set(exact.seen) == {torch.float32}
+    assert measure(control, rounded, eval_amp="bf16") == fp32  # the toy's classes are far apart
+    assert set(rounded.seen) == {torch.bfloat16}
 
 
 @pytest.mark.parametrize(
