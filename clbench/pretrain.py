@@ -81,9 +81,11 @@ class Pretraining:
 
 
 def cache_key(pretraining: Pretraining, model_config: dict[str, Any]) -> str:
-    """The hash naming a pretraining's cache folder: the recipe and the architecture, without data paths and
-    without the model's own loading keys (``checkpoint``, ``freeze``)."""
-    model = {k: v for k, v in model_config.items() if k not in LOADING_KEYS}
+    """The hash naming a pretraining's cache folder: the recipe and the architecture, without data paths, without
+    the model's weights folder and download switch (open_clip's ``cache_dir`` / ``download``: moving that folder
+    must not name another cache, and so another ``pretrain:<hash>`` run id) and without the model's own loading
+    keys (``checkpoint``, ``freeze``). A model without such keys (the ViT, the MLP) keeps the key it had."""
+    model = without_paths({k: v for k, v in model_config.items() if k not in LOADING_KEYS})
     return config_digest({"pretrain": without_paths(asdict(pretraining)), "model": model})
 
 

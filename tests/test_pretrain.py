@@ -150,3 +150,19 @@ def test_the_cache_lock_goes_on_unlocked_where_the_filesystem_has_no_flock(tmp_p
     monkeypatch.setattr(pretrain.fcntl, "flock", broken)
     with pytest.raises(OSError), pretrain._cache_lock(tmp_path / "cache"):
         pass
+
+
+def test_the_cache_key_leaves_out_the_models_weights_folder_and_download_switch(tmp_path, compose_cfg):
+    # What is asserted: moving open_clip's weights folder (or downloading into it) names the same cache, and so the
+    # same pretrain:<hash> run id; the weights tag still names another. The protocol's ViT and MLP keep the keys
+    # they had before the model's paths were filtered (their caches stay valid).
+    recipe = Pretraining.from_config(_cfg(tmp_path).pretrain)
+    clip = {"_target_": "clbench.models.torchvision_nets.OpenCLIPImage", "model_name": "ViT-B-32"}
+    clip.update(pretrained="laion2b_s34b_b79k", cache_dir="/data/open_clip", download=False)
+    clip.update(image_size=224, checkpoint=PRETRAIN_TOKEN, freeze=[])
+    key = cache_key(recipe, clip)
+    assert cache_key(recipe, {**clip, "cache_dir": "/scratch/me/open_clip", "download": True}) == key
+    assert cache_key(recipe, {**clip, "pretrained": "openai"}) != key
+    for model, before in (("vit", "85b688f4"), ("mlp", "c399a95c")):
+        cfg = compose_cfg(["protocol=pretrained_fmnist", f"model={model}"], tmp_path)
+        assert checkpoint_path(cfg) == tmp_path / "_pretrained" / before / "checkpoint.pt"
