@@ -14,9 +14,10 @@ What it does, in order:
    never averaged in (``--strict``: exit 1 when any failed or is missing). A folder that does not exist is an
    error (exit 2).
 2. Groups runs by identity: every config value that changes results (what the run id hashes: stream, model,
-   trainer schedule, strategy hyper-parameters), never by stream x strategy alone; ``--by KEY`` picks the
-   label columns (any dotted config key), ``--ignore KEY`` pools over a key on purpose. Keys that tell apart
-   rows with the same label become columns. A seed found twice in a group counts once (the newest run).
+   trainer schedule, strategy hyper-parameters; a model checkpoint by what it held when the run ran, as the run
+   recorded it, not by its path), never by stream x strategy alone; ``--by KEY`` picks the label columns (any
+   dotted config key), ``--ignore KEY`` pools over a key on purpose. Keys that tell apart rows with the same
+   label become columns. A seed found twice in a group counts once (the newest run).
 3. Computes, from the reference runs found in the folders whatever order they ran in, intransigence (a joint
    run: a*_k = R_joint[k][k], Chaudhry et al. 2018), its single-task variant and the L2M expert metrics (an
    independent run).
@@ -51,7 +52,12 @@ import yaml
 from clbench import stats
 from clbench.l2m import summarize_l2m
 from clbench.metrics import intransigence, joint_reference
-from clbench.results import experiment_identity, recorded_source_digest
+from clbench.results import (
+    experiment_identity,
+    pretrain_cache_identity,
+    recorded_checkpoint_identity,
+    recorded_source_digest,
+)
 
 DEFAULT_METRICS = ("acc", "bwt", "fwt", "forgetting")
 OPTIONAL_METRICS = (
@@ -288,11 +294,19 @@ def task_aware_view(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_run(result: dict[str, Any]) -> Run:
-    """The report's view of one completed result."""
+    """The report's view of one completed result. ``model.checkpoint`` stands for what the file held when the run
+    ran (the identity its runner recorded: ``sha256:<hex>`` or ``pretrain:<hash>``), never for its path: weights
+    saved into the same file between two runs make two experiments, and the file is not read here (it may hold
+    other weights now, or be gone). A result written before clbench recorded it keeps its path (a pretraining
+    cache file its ``pretrain:<hash>``, as in its run id, so it still pairs with later runs of that cache)."""
     config = result.get("config") or {}
-    identity = experiment_identity(config)
+    recorded = recorded_checkpoint_identity(result)
+    identity = experiment_identity(config, identify=lambda path: recorded or pretrain_cache_identity(path))
     identity.pop("seed", None)
     fields = flatten(config)
+    model = identity.get("model")
+    if isinstance(model, dict) and isinstance(model.get("checkpoint"), str):
+        fields["model.checkpoint"] = model["checkpoint"]
     fields.update(
         protocol=result.get("protocol") or config.get("protocol_name") or "",
         stream=result.get("stream"),

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -233,11 +234,26 @@ def checkpoint_identity(checkpoint: str) -> str:
     return f"sha256:{digest}"
 
 
-def experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
+CHECKPOINT_IDENTITY_KEY = "model_checkpoint_identity"
+"""result.json's record of what ``model.checkpoint`` held when the run ran (:func:`checkpoint_identity`; null
+without a checkpoint): the report groups by it, since the file may hold other weights by the time it reads it."""
+
+
+def recorded_checkpoint_identity(result: dict[str, Any]) -> str | None:
+    """What a result's ``model.checkpoint`` held when it ran, as its runner recorded it (never read from the file,
+    which may have been saved again or removed since); None for a result written before clbench recorded it."""
+    recorded = result.get(CHECKPOINT_IDENTITY_KEY)
+    return recorded if isinstance(recorded, str) else None
+
+
+def experiment_identity(config: dict[str, Any], identify: Callable[[str], str] = checkpoint_identity) -> dict[str, Any]:
     """The parts of a resolved config that change results (not paths, loggers, progress bars or speed-only
     switches): the run id hashes it, and the report groups runs by it (all of it but the seed). A user's
     ``model.checkpoint`` enters by its content (:func:`checkpoint_identity`); the model's weights folder and
-    download switch (``cache_dir``, ``download``) are left out as the stream's data paths are."""
+    download switch (``cache_dir``, ``download``) are left out as the stream's data paths are.
+
+    ``identify`` maps the checkpoint's path to what enters: the report passes the identity a result recorded,
+    so reading results never hashes a file that may have changed since they ran."""
     stream = without_paths(config.get("stream", {}))
     trainer = {k: v for k, v in (config.get("trainer") or {}).items() if k not in RESULT_NEUTRAL_TRAINER_KEYS}
     keys = ("strategy", "seed", "deterministic")
@@ -245,7 +261,7 @@ def experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(model, dict):
         model = without_paths({k: v for k, v in model.items() if k not in MODEL_KEYS_OFF or v != MODEL_KEYS_OFF[k]})
         if isinstance(model.get("checkpoint"), str):
-            model["checkpoint"] = checkpoint_identity(model["checkpoint"])
+            model["checkpoint"] = identify(model["checkpoint"])
     return {"stream": stream, "trainer": trainer, "model": model, **{k: config.get(k) for k in keys}}
 
 

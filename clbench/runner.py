@@ -272,6 +272,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         "definitions": "R[i][j] = test accuracy on task j after training task i; see clbench/metrics.py",
         "tasks": [{"id": t.id, "name": t.name, "classes": list(t.classes), "num_train": t.num_train} for t in stream],
         "config": config,
+        "model_checkpoint_identity": (_experiment_identity(config).get("model") or {}).get("checkpoint"),
         "versions": package_versions(),
         "provenance": made_by.record(),
         "device": str(device),

@@ -392,3 +392,66 @@ def test_a_job_repaired_by_a_relaunch_is_not_listed(results):
     found = report.collect([results])
     assert [p["status"] for p in found.problems] == ["skipped"]  # listed once, not once per sweep
     assert not found.unsuccessful()
+
+
+def _never_hashed(*args):
+    raise AssertionError("the report hashed a checkpoint file")
+
+
+def test_runs_before_and_after_new_weights_saved_into_one_checkpoint_file_are_two_groups(
+    run_tiny, tmp_path, monkeypatch
+):
+    """The same command run, new weights saved into its model.checkpoint file, and run again: two experiments (two
+    run ids), which the report put in one group by the file's path (one seed "run more than once", the first
+    run's result dropped). Each run records what the file held; the report groups by that and reads no file."""
+    import torch
+
+    from clbench import results
+    from clbench.models import MLP
+
+    body, results_dir = tmp_path / "mlp.pt", tmp_path / "results"
+    overrides = ["stream.num_tasks=2", "stream.train_per_task=256", "plots=false", f"model.checkpoint={body}"]
+    runs, identities = [], []
+    for weights_seed in (1, 2):
+        torch.manual_seed(weights_seed)
+        torch.save(MLP((1, 28, 28), [10], hidden=[100, 100]).state_dict(), body)
+        runs.append(run_tiny(overrides, results_dir))
+        identities.append(results.checkpoint_identity(str(body)))  # what the file held while it ran
+    assert [run["status"] for run in runs] == ["completed"] * 2 and identities[0] != identities[1]
+    monkeypatch.setattr(results, "_sha256", _never_hashed)  # the file may hold other weights by now
+    monkeypatch.setattr(results, "_cached_sha256", _never_hashed)
+    summary = _summary(results_dir)
+    assert len(summary.table) == 2 and list(summary.table["n"]) == [1, 1]
+    assert not any("counted once" in note for note in summary.notes)
+    assert sorted(summary.table["model.checkpoint"]) == sorted(identities)  # the column that tells them apart
+    for run, identity in zip(runs, identities, strict=True):
+        assert run["config"]["model"]["checkpoint"] == str(body) and run["model_checkpoint_identity"] == identity
+
+
+def test_results_without_a_recorded_checkpoint_identity_group_by_its_path(tmp_path, monkeypatch):
+    """Results written before runs recorded the identity: grouped by the checkpoint's path as before (never by
+    hashing the file now), a pretraining cache file by its pretrain:<hash> (its run id's), so seeds run before and
+    after still form one group."""
+    from clbench import results
+
+    monkeypatch.setattr(results, "_sha256", _never_hashed)
+    monkeypatch.setattr(results, "_cached_sha256", _never_hashed)
+
+    def with_checkpoint(path: Path, checkpoint: str, recorded: str | None = None) -> None:
+        payload = json.loads(path.read_text())
+        payload["config"]["model"]["checkpoint"] = checkpoint
+        if recorded is not None:
+            payload["model_checkpoint_identity"] = recorded
+        path.write_text(json.dumps(payload))
+
+    for seed, checkpoint in enumerate(["/gone/body.pt", "/gone/body.pt", "/gone/other.pt"]):
+        with_checkpoint(_result(tmp_path / "user", "finetune", seed), checkpoint)
+    table = _summary(tmp_path / "user").table
+    assert sorted(table["n"]) == [1, 2] and set(table["model.checkpoint"]) == {"/gone/body.pt", "/gone/other.pt"}
+
+    cache = "results/{}/_pretrained/ab12cd34/checkpoint.pt"
+    for seed in (0, 1):  # recorded nothing
+        with_checkpoint(_result(tmp_path / "pretrained", "finetune", seed), cache.format("old"))
+    with_checkpoint(_result(tmp_path / "pretrained", "finetune", 2), cache.format("new"), "pretrain:ab12cd34")
+    (row,) = _summary(tmp_path / "pretrained").table.to_dict("records")
+    assert row["n"] == 3
