@@ -1,7 +1,9 @@
 """``python -m clbench.check strategy=<name> [overrides]``: a conformance kit for a strategy, yours included.
 
 It runs the strategy on a tiny deterministic CPU protocol (3 tasks of split digits, one epoch; any
-override on the command line changes it) and checks what the harness relies on but cannot see:
+override on the command line changes it; with ``protocol=`` or ``stream=`` that stream, shrunk to 3 tasks of 300
+training images, and a pretrained model pretrained once for all the checks) and checks what the harness
+relies on but cannot see:
 
 * resume: a run interrupted after its first task and rerun ends with the same accuracy matrix R as an
   uninterrupted run, bit for bit (what ``deterministic=true`` promises). A strategy whose state is not all
@@ -51,6 +53,9 @@ TINY = [
     "plots=false",
     "trainer.progress=false",
 ]
+# a protocol or stream of the user's choosing is kept, shrunk to this (where the stream has the key and the command
+# line does not set it): its input size and classes are what the model of that protocol was built for
+SHRUNK_STREAM = {"num_tasks": 3, "train_per_task": 300}
 # closed-form gradients equal autograd's up to float rounding, which a few hundred steps amplify a little
 PARAMETER_TOLERANCE = 1e-4
 
@@ -71,15 +76,50 @@ class _Interrupt(KeyboardInterrupt):
     """Raised in place of a user's Ctrl-C right after the first checkpoint is written."""
 
 
-def compose_checked(overrides: list[str], results_dir: Path) -> DictConfig:
-    """The config ``python -m clbench`` would run with the tiny protocol, then ``overrides``."""
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def chooses_stream(overrides: list[str]) -> bool:
+    """Whether the command line picks a protocol or a stream (the kit then keeps it, shrunk)."""
+    return any(_key(o) in ("protocol", "stream") for o in overrides)
+
+
+def compose_checked(overrides: list[str], results_dir: Path | None) -> DictConfig:
+    """The config ``python -m clbench`` would run with the tiny protocol, then ``overrides``. With a protocol or
+    stream on the command line the kit keeps that stream (split digits' 8x8 images would not fit a model built for
+    the protocol, e.g. a ViT with 7-pixel patches), shrunk to :data:`SHRUNK_STREAM`. ``results_dir=None`` keeps the
+    configured one."""
     search = [f"file://{d}" for d in user_config_dirs()]
     extra = [f"hydra.searchpath=[{','.join(search)}]"] if search else []
+    keep_stream = chooses_stream(overrides)
+    tiny = [o for o in TINY if not (keep_stream and _key(o) == "stream")]
+    folder = [] if results_dir is None else [f"results_dir={results_dir}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*TINY, *overrides, *extra, f"results_dir={results_dir}"])
+        cfg = compose(config_name="config", overrides=[*tiny, *overrides, *extra, *folder])
     with open_dict(cfg):
         cfg.pop("hydra", None)
+        given = {_key(o) for o in overrides}
+        for name, value in SHRUNK_STREAM.items() if keep_stream else ():
+            if name in cfg.stream and f"stream.{name}" not in given:
+                cfg.stream[name] = value
     return cfg
+
+
+def pretrained_once(overrides: list[str], workdir: Path) -> list[str]:
+    """``model.checkpoint=pretrain`` resolved once for every run of the kit (each run has its own results folder,
+    so each would pretrain again): the user's own cache (``<results_dir>/_pretrained/...``) when it holds the
+    file, else pretrained once into the kit's folder. Returns the override that names the file."""
+    from clbench.pretrain import PRETRAIN_TOKEN, checkpoint_path, resolve_checkpoint
+
+    cfg = compose_checked(overrides, None)
+    if cfg.model.get("checkpoint") != PRETRAIN_TOKEN:
+        return []
+    path = checkpoint_path(cfg)
+    if not path.is_file():
+        cfg = compose_checked(overrides, workdir / "pretrained")
+        path = resolve_checkpoint(cfg)
+    return [f"model.checkpoint='{Path(path).resolve()}'"]
 
 
 def check_resume(overrides: list[str], workdir: Path) -> Outcome:
@@ -271,6 +311,7 @@ def run_checks(overrides: list[str]) -> list[Outcome]:
     """Every check on ``strategy=<name>`` (in ``overrides``), in a temporary results folder."""
     with tempfile.TemporaryDirectory(prefix="clbench-check-") as folder:
         workdir = Path(folder)
+        overrides = [*overrides, *pretrained_once(overrides, workdir)]
         outcomes = [check_resume(overrides, workdir)]
         outcomes.append(check_round_trip(compose_checked(overrides, workdir / "round_trip")))
         outcomes += check_declarations(overrides, workdir)

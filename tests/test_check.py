@@ -126,3 +126,36 @@ def test_bad_input_is_exit_2(capsys):
 def _this_module_importable(monkeypatch):
     """The strategies above are found by their ``_target_`` (this test module by name)."""
     monkeypatch.setitem(sys.modules, __name__, sys.modules[__name__])
+
+
+def test_a_chosen_protocol_keeps_its_stream_shrunk(tmp_path):
+    """`python -m clbench.check strategy=finetune protocol=pretrained_fmnist` stopped with 'model.patch_size=7 does
+    not divide the 8x8 images': the kit replaced the protocol's stream by split digits."""
+    cfg = check.compose_checked(["strategy=finetune", "protocol=pretrained_fmnist"], tmp_path)
+    assert cfg.stream.name == "split_mnist5k" and cfg.model.patch_size == 7
+    assert (cfg.stream.num_tasks, cfg.stream.train_per_task) == (3, 300)
+    cfg = check.compose_checked(["strategy=finetune", "protocol=default", "stream.num_tasks=2"], tmp_path)
+    assert cfg.stream.name == "permuted_mnist5k" and cfg.stream.num_tasks == 2  # the command line wins
+    assert check.compose_checked(["strategy=finetune"], tmp_path).stream.name == "split_digits"
+
+
+def test_a_pretrained_model_is_pretrained_once_for_every_check(tmp_path, monkeypatch):
+    """Each check run has its own results folder, so `model.checkpoint=pretrain` pretrained again in each; the kit
+    resolves it once, from the user's cache when that holds the file."""
+    import clbench.pretrain as pretrain
+
+    calls = []
+    real = pretrain.pretrain
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: calls.append(1) or real(*a, **k))
+    overrides = ["strategy=finetune", "protocol=pretrained_fmnist", "model=mlp", "pretrain.epochs=1"]
+    first = check.pretrained_once([*overrides, f"results_dir={tmp_path / 'mine'}"], tmp_path / "kit")
+    assert len(calls) == 1 and first[0].startswith("model.checkpoint=") and str(tmp_path / "kit") in first[0]
+    # the user's own cache holds it: no pretraining, that file
+    cfg = check.compose_checked([*overrides, f"results_dir={tmp_path / 'mine'}"], None)
+    pretrain.resolve_checkpoint(cfg)
+    calls.clear()
+    again = check.pretrained_once([*overrides, f"results_dir={tmp_path / 'mine'}"], tmp_path / "kit2")
+    assert not calls and str(tmp_path / "mine") in again[0]
+    cfg = check.compose_checked([*overrides, *again], tmp_path / "run")
+    assert cfg.model.checkpoint == str(pretrain.checkpoint_path(check.compose_checked(overrides, tmp_path / "mine")))
+    assert check.pretrained_once(["strategy=finetune"], tmp_path / "kit3") == []
