@@ -112,6 +112,7 @@ class EWC(QuadraticRegularizer):
     """
 
     name = "ewc"
+    strength_key = "ewc_lambda"
     population_safe = True  # a population member gives its solo run's R (tests/population)
     batchable = ("ewc_lambda",)  # numeric settings members of one population may differ in
     graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs

@@ -20,6 +20,7 @@ class OnlineEWC(QuadraticRegularizer):
     """
 
     name = "ewc_online"
+    strength_key = "ewc_lambda"
     population_safe = True  # a population member gives its solo run's R (tests/population)
     batchable = ("ewc_lambda", "gamma")  # numeric settings members of one population may differ in
     graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs

@@ -53,6 +53,7 @@ class MAS(QuadraticRegularizer):
     """
 
     name = "mas"
+    strength_key = "mas_lambda"
     population_safe = True  # a population member gives its solo run's R (tests/population)
     batchable = ("mas_lambda", "alpha")  # numeric settings members of one population may differ in
     graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs

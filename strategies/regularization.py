@@ -78,11 +78,14 @@ class QuadraticRegularizer(Strategy):
     """
 
     name = "quadratic"
+    strength_key = "strength"
+    """The config key of ``strength`` in a subclass's conf/strategy file, so that a bad value is named as typed."""
 
     def __init__(self, strength: float, importance_batch_size: int | None = None, stable_penalty: bool = True) -> None:
         super().__init__()
         if strength < 0:
-            raise ValueError(f"the regularisation strength must be >= 0, got {strength}")
+            key = f"strategy.{self.strength_key}"
+            raise ValueError(f"{key} must be >= 0, got {strength}: set {key} to a value >= 0")
         self.strength = float(strength)
         self.importance_batch_size = importance_batch_size
         self.stable_penalty = bool(stable_penalty)

@@ -24,6 +24,7 @@ class SI(QuadraticRegularizer):
     """
 
     name = "si"
+    strength_key = "c"
     population_safe = True  # a population member gives its solo run's R (tests/population)
     batchable = ("c", "xi")  # numeric settings members of one population may differ in
     graph_safe = True  # its step hooks are recorded whole by trainer.cuda_graphs

@@ -116,3 +116,23 @@ def default_job(strategy: str, overrides: list[str]) -> str:
 def test_shipped_defaults_train_the_default_job_without_divergence(strategy, before):
     assert default_job(strategy, before).startswith("training loss became")  # what the default job hit
     assert default_job(strategy, []) == "ok"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "key"), [("ewc", "ewc_lambda"), ("ewc_online", "ewc_lambda"), ("mas", "mas_lambda"), ("si", "c")]
+)
+def test_a_negative_strength_names_the_key_the_user_typed(tmp_path, strategy, key, capsys, monkeypatch):
+    """`strategy=ewc strategy.ewc_lambda=-5` said 'the regularisation strength must be >= 0': which key?"""
+    import sys
+
+    import clbench.__main__ as cli
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["clbench", f"strategy={strategy}", f"strategy.{key}=-5", f"results_dir={tmp_path}", "logger=none"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"clbench: error: strategy.{key} must be >= 0, got -5: set strategy.{key} to a value >= 0"
+    )
