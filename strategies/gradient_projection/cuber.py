@@ -226,14 +226,19 @@ class CUBER(TRGP):
     def prepare_pairs(self, trainer: Trainer) -> None:
         """The scaled weight projections the training forward uses: ``W U_j`` frozen where W cannot move
         inside ``U_j`` (no weight decay, no free subspace in the layer), else read live. Without
-        ``scale_backward`` a regime-3 pair's ``Q_j`` is not trained (it stays I: no scaled projection)."""
+        ``scale_backward`` a regime-3 pair's ``Q_j`` is not trained and is I (no scaled projection), also when a
+        recheck promotes a pair whose ``Q_j`` was learnt in regime 2 during the epochs before."""
+        with torch.no_grad():
+            for i, trusted in enumerate(self.current_trust):
+                for j, q in zip(trusted, self.scales[i], strict=True):
+                    learns = self.scale_backward or j not in self.backward[i]
+                    q.requires_grad_(learns)
+                    if not learns:
+                        q.copy_(torch.eye(q.shape[0], device=q.device, dtype=q.dtype))
         frozen = self.current_pairs(frozen=trainer.weight_decay == 0)
         self.train_pairs = [
             [(u, q, None) for u, q, _ in pairs] if self.free[i] is not None else pairs for i, pairs in enumerate(frozen)
         ]
-        for i, trusted in enumerate(self.current_trust):
-            for j, q in zip(trusted, self.scales[i], strict=True):
-                q.requires_grad_(self.scale_backward or j not in self.backward[i])
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def fit_task(self, task: Task, trainer: Trainer) -> None:

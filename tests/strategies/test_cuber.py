@@ -113,6 +113,27 @@ def test_recheck_per_epoch_can_demote_and_promote(trained_cuber):
     assert seen == [[[3], [3], [3]], [[2], [2], [2]], [[3], [3], [3]]]
 
 
+def test_a_pair_promoted_by_a_recheck_without_scale_backward_drops_the_scaling_it_learnt(trained_cuber):
+    """With ``scale_backward=false`` a regime-3 pair has no scaled projection (Q_j = I); a pair demoted to regime 2
+    for an epoch learns a Q_j, and when the next recheck promoted it again that Q_j stayed in the forward."""
+    cuber, stream, _ = trained_cuber(eps1=0.0, eps2=-1.0, lam=0.0, recheck_per_epoch=True, scale_backward=False)
+    learnt = []
+
+    class Flip(Trainer):
+        def fit(self, strategy, tasks, epochs=None, params=None):
+            strategy.eps2 = 2.0 if not learnt else -1.0  # regime 2 after epoch 1, regime 3 again after epoch 2
+            done = super().fit(strategy, tasks, epochs, params)
+            learnt.append([not torch.equal(q, torch.eye(q.shape[0])) for layer in strategy.scales for q in layer])
+            return done
+
+    trainer = Flip(epochs=3, batch_size=64, lr=0.05, progress=False)
+    trainer.attach(stream, 0)
+    cuber.fit_task(stream.tasks[1], trainer)
+    assert cuber.regimes() == [[3], [3], [3]]
+    assert not any(learnt[0]) and all(learnt[1])  # regime 3: Q stays I; regime 2: Q learns
+    assert all(torch.equal(q.detach(), torch.eye(q.shape[0])) for layer in cuber.scales for q in layer)
+
+
 def test_recheck_refuses_a_validation_schedule(trained_cuber):
     cuber, stream, _ = trained_cuber(recheck_per_epoch=True)
     trainer = Trainer(epochs=2, batch_size=64, lr=0.05, progress=False, lr_patience=2)
