@@ -14,7 +14,7 @@ dataset clbench loads, which of its classes, and a readout that turns the model'
   image goes to the nearest mean.
 
 The control set is measured the way a row of R is: its data is a one-task stream built as
-:func:`clbench.pretrain.pretraining_stream` builds the pretraining data (the same input normalisation and label
+the pretraining data is built (:func:`clbench.streams.class_subset_stream`) (the same input normalisation and label
 order), and its accuracy comes from the run's :class:`~clbench.evaluator.Evaluator` settings (``trainer.eval_amp``,
 ``eval_batch_size``, ``channels_last`` ...) through the strategy's ``eval_modules()``, with the readout in place of
 ``strategy.predict`` (:class:`ControlReadout`). So R and the control accuracy share precision and eval modes.
@@ -39,23 +39,13 @@ from clbench.ncm import NearestClassMean
 from clbench.pretrain import load_control_head
 from clbench.schema import ConfigError
 from clbench.strategy import Strategy
-from clbench.streams import Stream, split_stream
+from clbench.streams import Stream, class_subset_stream
 from clbench.trainer import Trainer
 
 READOUTS = ("head", "ncm")
 NCM_SEED = 0  # the NCM sample is the same in every run, so runs compare on the same class means' data
 # What the Evaluator reads of its trainer besides the stream: a control set is measured with the run's values.
 EVALUATION_SETTINGS = ("eval_batch_size", "eval_amp", "batched_eval", "eval_cache_mb", "eval_chunk_mb", "channels_last")
-
-
-def control_stream(dataset: ImageDataset, classes: list[int]) -> Stream:
-    """A control set's data as a one-task stream over ``classes`` (outputs in that order), made as
-    :func:`clbench.pretrain.pretraining_stream` makes the pretraining data: inputs normalised as any stream over
-    ``dataset`` normalises them, targets the positions of ``classes``, so the control head's row k is class
-    ``classes[k]``."""
-    return split_stream(
-        dataset, num_tasks=1, classes_per_task=len(classes), class_order=classes, scenario="task", name=dataset.name
-    )
 
 
 class ControlReadout(Strategy):
@@ -125,7 +115,7 @@ class ControlSet:
         self._num_classes = len(classes)
         sample = self._ncm_sample(dataset, classes)
         pool = dataclasses.replace(dataset, x_train=dataset.x_train[sample], y_train=dataset.y_train[sample])
-        self._stream = control_stream(pool, classes).to(stream.device)
+        self._stream = class_subset_stream(pool, classes).to(stream.device)
         self._check_features(model)
 
     def _ncm_sample(self, dataset: ImageDataset, classes: list[int]) -> Tensor:

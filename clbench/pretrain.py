@@ -46,7 +46,7 @@ from clbench.results import (
     without_paths,
 )
 from clbench.schema import AtLeast, ConfigError, NonNegative, Positive, PositiveInt
-from clbench.streams import Stream, split_stream
+from clbench.streams import Stream, class_subset_stream
 
 CACHE_FOLDER, CHECKPOINT_NAME = PRETRAIN_FOLDER, PRETRAIN_CHECKPOINT  # defined once, where run identity reads them
 LOCK_NAME = ".lock"
@@ -167,9 +167,7 @@ def pretraining_stream(pretraining: Pretraining) -> Stream:
             f"pretrain.classes={classes} must list distinct classes of {dataset.name} "
             f"(0..{dataset.num_classes - 1}), or be null for all of them"
         )
-    return split_stream(
-        dataset, num_tasks=1, classes_per_task=len(classes), class_order=classes, scenario="task", name=dataset.name
-    )
+    return class_subset_stream(dataset, classes)
 
 
 def pretrain(pretraining: Pretraining, model_config: dict[str, Any], device: torch.device) -> dict[str, Any]:

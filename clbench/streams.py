@@ -346,6 +346,15 @@ def split_stream(
     )
 
 
+def class_subset_stream(dataset: ImageDataset, classes: list[int]) -> Stream:
+    """``dataset``'s ``classes`` as one task (outputs in that order: output k is class ``classes[k]``), its inputs
+    normalised as any stream over ``dataset`` normalises them: how the pretraining data and a control set are
+    read, so that both see the inputs a run's stream gives the model."""
+    return split_stream(
+        dataset, num_tasks=1, classes_per_task=len(classes), class_order=classes, scenario="task", name=dataset.name
+    )
+
+
 def _transformed_stream(
     dataset: ImageDataset,
     num_tasks: int,
