@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 
 class UnsupportedScenarioError(ValueError):
-    """A strategy was asked to run on a scenario it does not support."""
+    """A strategy was asked to run on a scenario, a stream or a model it does not support: one line, exit 2 for a
+    single run; a comparison sweep records the pair as skipped with that line."""
 
 
 class UnresumableStrategyError(ValueError):

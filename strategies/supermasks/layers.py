@@ -11,17 +11,22 @@ task, as SupSup's ``MultitaskNonAffineBN``, so no task's normalisation moves und
 Biases: SupSup, ExSSNeT and WSN mask weights only and their layers carry no bias (the official code builds
 every layer with ``bias=False``). :func:`convert_model` refuses a model with biases for them rather than
 dropping the biases silently, which would run a different network than the configuration (and the result
-file) says; PackNet keeps them (``biases="keep"``: trained on the first task, then frozen, as its paper).
+file) says: a one-line error naming ``model.bias=false`` where the model has that switch, else an unsupported
+pair (a ViT, whose biases cannot be dropped: a comparison sweep records it as skipped); PackNet keeps them
+(``biases="keep"``: trained on the first task, then frozen, as its paper).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from clbench.strategy import UnsupportedScenarioError
 
 SHARED = "shared"
 BIASES = ("refuse", "keep")
@@ -303,9 +308,16 @@ def convert_model(
             name for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d) and m.bias is not None
         ]
         if with_bias:
-            raise ValueError(
-                f"this supermask strategy's masked layers carry no bias, but the model has biases ({with_bias[0]}, "
-                f"{len(with_bias)} layers): set model.bias=false"
+            found = f"the model has biases ({with_bias[0]}, {len(with_bias)} layers)"
+            if "bias" in inspect.signature(type(model)).parameters:  # the user can build it without them
+                raise ValueError(
+                    f"this supermask strategy's masked layers carry no bias, but {found}: set model.bias=false"
+                )
+            # no switch to drop them (a ViT, a pretrained body): the pair cannot run, a comparison sweep skips it
+            raise UnsupportedScenarioError(
+                f"this supermask strategy masks bias-free layers (as its paper's code builds them), and {found} "
+                f"with no model.bias switch ({type(model).__name__}): use a model without biases, e.g. model=mlp "
+                "model.bias=false"
             )
     head_owner: dict[int, int] = {}
     if task_heads:

@@ -113,6 +113,20 @@ def test_a_model_with_biases_is_refused_with_the_fix_named():
     assert all(type(m) is not MaskedLinear for m in model.modules())  # refused before anything was swapped
 
 
+def test_a_model_with_biases_and_no_bias_switch_is_an_unsupported_pair():
+    """protocol=pretrained_fmnist (a ViT, whose Linear layers have biases and no model.bias switch) failed every
+    supermask job of the comparison sweep with 'set model.bias=false', a key the ViT does not have; the pair is
+    unsupported, so the sweep records it as skipped with its reason."""
+    from clbench.models import ViT
+    from clbench.strategy import UnsupportedScenarioError
+
+    model = ViT((1, 28, 28), [2, 2])
+    with pytest.raises(UnsupportedScenarioError, match="no model.bias switch") as error:
+        convert_model(model, 2, False, 0.5, "uniform", "per_task", "signed_constant", False)
+    assert "\n" not in str(error.value) and "ViT" in str(error.value)
+    assert all(type(m) is not MaskedLinear for m in model.modules())
+
+
 def test_kept_biases_are_carried_over_and_used():
     torch.manual_seed(0)
     model = MLP((1, 8, 8), [3], hidden=[16], bias=True)
