@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clbench.frozen import FrozenPositions
 from clbench.models import ContinualModel
 from clbench.schema import AtLeast, Range
 from clbench.strategy import Batch, Strategy
@@ -154,7 +155,7 @@ class SPU(Strategy):
         self.selected: list[dict[str, float]] = []  # per task: fraction selected, overlap with the previous mask
         # during a task only
         self._candidates: dict[str, nn.Linear] = {}
-        self._frozen: dict[str, Tensor] = {}
+        self._frozen = FrozenPositions()  # the unselected weights, written back after every step
         self._step = 0
         self._replay_start = 0
         self._replay_order: Tensor | None = None
@@ -191,7 +192,7 @@ class SPU(Strategy):
         else:
             self.masks = {name: random_mask(layer.weight, self.fraction) for name, layer in self._candidates.items()}
         self.selected.append(self._selection_record(previous))
-        self._frozen = {name: layer.weight.detach().clone() for name, layer in self._candidates.items()}
+        self._frozen = FrozenPositions.of((layer.weight, self.masks[name]) for name, layer in self._candidates.items())
         self._step, self._replay_order, self._replay_next = 0, None, 0
         self._replay_start = self.replay_from_epoch * math.ceil(task.num_train / trainer.batch_size)
         self._replay_batch = self.replay_batch_size or trainer.batch_size
@@ -207,14 +208,10 @@ class SPU(Strategy):
         return record
 
     def after_backward(self, task: Task) -> None:
-        for name, layer in self._candidates.items():
-            if layer.weight.grad is not None:
-                layer.weight.grad.mul_(self.masks[name])
+        self._frozen.mask_gradients()
 
-    @torch.no_grad()
     def after_step(self, task: Task) -> None:
-        for name, layer in self._candidates.items():
-            layer.weight.copy_(torch.where(self.masks[name], layer.weight, self._frozen[name]))
+        self._frozen.restore()
         self._step += 1
 
     def loss(self, output: Tensor, y: Tensor, batch: Batch, task: Task) -> Tensor:
@@ -242,7 +239,7 @@ class SPU(Strategy):
         return chosen
 
     def after_task(self, task: Task) -> None:
-        self._frozen, self._replay_order = {}, None
+        self._frozen, self._replay_order = FrozenPositions(), None
         if self.buffer_size > 0:
             self._update_buffer(task)
 

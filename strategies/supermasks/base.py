@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from clbench.frozen import FrozenPositions
 from clbench.models import ContinualModel
 from clbench.strategy import Strategy
 from clbench.streams import Stream, Task, TaskIds
@@ -74,7 +75,7 @@ class SupermaskStrategy(Strategy):
         self.layers: list[MaskedLayer] = []
         self.norms: list[TaskBatchNorm] = []
         self.learned: list[int] = []
-        self._guard: dict[MaskedLayer, tuple[Tensor, Tensor]] = {}
+        self._guard = FrozenPositions()  # the weight phase's untrainable positions, written back after every step
 
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self, model: ContinualModel, stream: Stream) -> ContinualModel:
@@ -132,7 +133,7 @@ class SupermaskStrategy(Strategy):
         """While inside, only the positions ``trainable[layer]`` (bool) of each layer's weight may change:
         their gradients pass, every other position is restored bit for bit after each optimizer step
         (momentum and weight decay would otherwise move them with a zero gradient)."""
-        self._guard = {layer: (mask, layer.weight.detach().clone()) for layer, mask in trainable.items()}
+        self._guard = FrozenPositions.of((layer.weight, mask) for layer, mask in trainable.items())
         for layer in trainable:
             layer.weight.requires_grad_(True)
         try:
@@ -141,17 +142,13 @@ class SupermaskStrategy(Strategy):
             for layer in trainable:
                 layer.weight.requires_grad_(False)
                 layer.weight.grad = None
-            self._guard = {}
+            self._guard = FrozenPositions()
 
     def after_backward(self, task: Task) -> None:
-        for layer, (mask, _) in self._guard.items():
-            if layer.weight.grad is not None:
-                layer.weight.grad.mul_(mask)
+        self._guard.mask_gradients()
 
     def after_step(self, task: Task) -> None:
-        with torch.no_grad():
-            for layer, (mask, frozen) in self._guard.items():
-                layer.weight.copy_(torch.where(mask, layer.weight, frozen))
+        self._guard.restore()
 
     def after_task(self, task: Task) -> None:
         """Cache the task's masks once (evaluation never re-sorts scores) and mark the task learned."""
