@@ -132,6 +132,7 @@ class Collection:
 
     completed: list[dict[str, Any]] = field(default_factory=list)
     problems: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. jobs that composed config files edited during their sweep
 
     def unsuccessful(self) -> list[dict[str, str]]:
         """Failed, missing, unreadable or unfinished runs and jobs (skipped pairs are not among them)."""
@@ -234,6 +235,12 @@ def collect(folders: Sequence[Path]) -> Collection:
                 continue
             found_paths = (_job_result(index, job) for job in jobs if job.get("result"))
             paths |= {path.resolve() for path in found_paths if path is not None}
+            for job in jobs:
+                if job.get("config_files_changed"):
+                    found.notes.append(
+                        f"{index.parent.name} job {job.get('job_num')} ({' '.join(job.get('overrides', []))}) "
+                        f"composed config files edited while its sweep ran: {', '.join(job['config_files_changed'])}"
+                    )
     for path in sorted(paths):
         try:
             result = json.loads(path.read_text())
@@ -924,7 +931,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         heading = f"{len(found.problems)} run(s) or job(s) not in the table:"
         print("\n".join(["", heading, *problems]), file=sys.stderr if numeric else sys.stdout)
-    for note in report.notes:
+    for note in [*found.notes, *report.notes]:
         print(f"clbench.report: note: {note}", file=sys.stderr)
     plots: list[Path] = []
     output_dir = args.plots or args.folders[0] / "report"

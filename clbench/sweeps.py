@@ -7,6 +7,7 @@ its own scheduler. Each job writes ``job.json`` into its Hydra output folder; wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -67,10 +68,14 @@ def register_resolvers() -> None:
 
 
 def write_job_record(context: JobContext, record: dict[str, Any]) -> None:
-    """Write this job's ``job.json`` (status, result path, overrides) into its Hydra output folder."""
+    """Write this job's ``job.json`` (status, result path, overrides) into its Hydra output folder, with the
+    config files that changed while the sweep ran (:class:`SweepIndex`), if any."""
     if context.output_dir is None:
         return
     payload = {"job_num": context.job_num, "overrides": list(context.overrides), **record}
+    changed = read_config_changes(context.output_dir)
+    if changed:
+        payload["config_files_changed"] = changed
     atomic_write_bytes(context.output_dir / "job.json", json.dumps(json_ready(payload), indent=2).encode())
 
 
@@ -100,8 +105,74 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     return jobs
 
 
+CONFIG_SNAPSHOT = "config_files.json"  # in the sweep folder: each config file's digest when the sweep started
+CONFIG_CHANGES = "config_changed.json"  # in a job's folder: the config files that differed when it started
+
+
+def config_file_digests(folders: list[str]) -> dict[str, str]:
+    """The sha256 of every YAML file under ``folders`` (a sweep's file config sources), by path."""
+    digests = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*.yaml")):
+            try:
+                digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                continue
+    return digests
+
+
+def changed_files(before: dict[str, str], now: dict[str, str]) -> list[str]:
+    """Files added, removed or edited between two :func:`config_file_digests`."""
+    return sorted(path for path in before.keys() | now.keys() if before.get(path) != now.get(path))
+
+
+def read_config_changes(output_dir: Path) -> list[str]:
+    """The config files a job found changed when it started (written by :class:`SweepIndex`), or none."""
+    try:
+        changed = json.loads((output_dir / CONFIG_CHANGES).read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [str(path) for path in changed] if isinstance(changed, list) else []
+
+
 class SweepIndex(Callback):
-    """Hydra callback: at the end of a multirun, write ``index.json`` listing every job and its result."""
+    """Hydra callback: at the end of a multirun, write ``index.json`` listing every job and its result.
+
+    It also guards a sweep against edits of its config files. Hydra composes each job's config from the files
+    when the job starts, not when the sweep does, so a file edited while a long sweep runs (a strategy's YAML
+    changed for the next experiment) silently reaches the jobs that start after it. The digests of every config
+    file are taken when the sweep starts (``config_files.json`` in the sweep folder); a job that finds them
+    changed says so in one line, and its ``job.json`` and the index list the files (``config_files_changed``),
+    which the report prints. Such a job still runs: its result.json holds the config it really used."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sources = [str(s.path) for s in config.hydra.runtime.config_sources if s.schema == "file"]
+        snapshot = {"sources": sources, "digests": config_file_digests(sources)}
+        self.snapshot = snapshot  # in-process launchers (and pickled ones) read it here, others from the file
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(sweep_dir / CONFIG_SNAPSHOT, json.dumps(snapshot, indent=1).encode())
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        snapshot = getattr(self, "snapshot", None)
+        if snapshot is None:
+            try:
+                snapshot = json.loads((Path(str(config.hydra.sweep.dir)) / CONFIG_SNAPSHOT).read_text())
+            except (OSError, json.JSONDecodeError):
+                return
+        changed = changed_files(snapshot["digests"], config_file_digests(snapshot["sources"]))
+        if not changed:
+            return
+        output_dir = Path(str(config.hydra.runtime.output_dir))
+        atomic_write_bytes(output_dir / CONFIG_CHANGES, json.dumps(changed).encode())
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        print(
+            f"clbench: job {config.hydra.job.get('num')}: config files changed since the sweep started ({shown}): "
+            "this job composed the edited files; keep them unchanged while a sweep runs",
+            file=sys.stderr,
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

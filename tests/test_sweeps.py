@@ -53,6 +53,44 @@ def test_two_job_sweep_writes_results_and_index(tmp_path, launcher):
         assert len(list(tmp_path.glob("split_digits/*/*/result.json"))) == 2
 
 
+TOUCHY = """
+from pathlib import Path
+
+from strategies.finetune import Finetune
+
+
+class Touchy(Finetune):
+    \"\"\"Fine-tune that edits its own config file when built: what a user editing conf/ mid-sweep does.\"\"\"
+
+    name = "touchy"
+
+    def __init__(self, note: str = "") -> None:
+        super().__init__()
+        path = Path("conf/strategy/touchy.yaml")
+        if "edited" not in path.read_text():
+            path.write_text(path.read_text() + "# edited\\n")
+"""
+
+
+def test_a_config_file_edited_while_a_sweep_runs_is_named_by_the_jobs_after_it(tmp_path):
+    """Hydra composes each job from the files when the job starts: a file edited mid-sweep silently reached the
+    later jobs (a sweep here once split into 12 folders that way, its index listing 8 of 19 jobs)."""
+    (tmp_path / "conf" / "strategy").mkdir(parents=True)
+    (tmp_path / "touchy.py").write_text(TOUCHY)
+    (tmp_path / "conf" / "strategy" / "touchy.yaml").write_text("_target_: touchy.Touchy\nnote: ''\n")
+    done = clbench("-m", "strategy=touchy", "seed=0,1", "results_dir=results", *QUIET, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    jobs = _index(tmp_path / "results")["jobs"]
+    assert "config_files_changed" not in jobs[0]
+    (changed,) = jobs[1]["config_files_changed"]
+    assert changed.endswith("conf/strategy/touchy.yaml")
+    assert "job 1: config files changed since the sweep started" in done.stderr
+    from clbench.report import collect
+
+    (note,) = collect([tmp_path / "results"]).notes
+    assert "job 1" in note and "touchy.yaml" in note
+
+
 def test_failing_job_is_isolated_and_fails_the_sweep(tmp_path):
     # the failing job comes first: the job after it still runs
     done = clbench("-m", "trainer.lr=1e30,0.1", f"results_dir={tmp_path}", *QUIET, cwd=tmp_path)
