@@ -121,7 +121,7 @@ def test_a_model_with_biases_and_no_bias_switch_is_an_unsupported_pair():
     from clbench.strategy import UnsupportedScenarioError
 
     model = ViT((1, 28, 28), [2, 2])
-    with pytest.raises(UnsupportedScenarioError, match="no model.bias switch") as error:
+    with pytest.raises(UnsupportedScenarioError, match=r"no model\.bias switch") as error:
         convert_model(model, 2, False, 0.5, "uniform", "per_task", "signed_constant", False)
     assert "\n" not in str(error.value) and "ViT" in str(error.value)
     assert all(type(m) is not MaskedLinear for m in model.modules())
