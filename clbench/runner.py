@@ -95,11 +95,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _experiment_identity(config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a config that change results (the report groups by the same notion)."""
-    return experiment_identity(config)
-
-
 def _rng_state(trainer: Trainer) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "trainer": trainer.generator.get_state() if trainer.generator else None}
     if torch.cuda.is_available():
@@ -155,7 +150,10 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     extra_logger: Logger = instantiate(cfg.logger) if cfg.get("logger") else Logger()
     loggers: list[Logger] = [ConsoleLogger(enabled=bool(cfg.get("verbose", True))), extra_logger]
 
-    run_id = cfg.get("run_id") or f"seed{seed}-{config_digest(_experiment_identity(config))}"
+    # the parts of the config that change results (the report groups by the same notion), read once: a checkpoint
+    # file enters by its content, and the run id and the recorded identity must name the same bytes
+    identity = experiment_identity(config)
+    run_id = cfg.get("run_id") or f"seed{seed}-{config_digest(identity)}"
     run_dir = Path(str(cfg.results_dir)) / stream.name / strategy.name / run_id
     result_path, checkpoint_path = run_dir / "result.json", run_dir / "checkpoint.pt"
     resume_mode = cfg.get("resume", True)
@@ -272,7 +270,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         "definitions": "R[i][j] = test accuracy on task j after training task i; see clbench/metrics.py",
         "tasks": [{"id": t.id, "name": t.name, "classes": list(t.classes), "num_train": t.num_train} for t in stream],
         "config": config,
-        "model_checkpoint_identity": (_experiment_identity(config).get("model") or {}).get("checkpoint"),
+        "model_checkpoint_identity": (identity.get("model") or {}).get("checkpoint"),
         "versions": package_versions(),
         "provenance": made_by.record(),
         "device": str(device),
