@@ -36,3 +36,9 @@ def batch_absent(stream: Stream | None, absent: Tensor | None, y: Tensor) -> Ten
     if absent is None or stream is None or not stream.mask_per_batch:
         return absent
     return torch.ones_like(absent).index_fill_(0, y, False)
+
+
+def mask_absent(logits: Tensor, absent: Tensor | None) -> Tensor:
+    """``logits`` with the ``absent`` classes (a mask from :func:`batch_absent`) pushed to the dtype's minimum, out
+    of place: they take no softmax mass and pass no gradient. Unchanged where there is no mask."""
+    return logits if absent is None else logits.masked_fill(absent, torch.finfo(logits.dtype).min)

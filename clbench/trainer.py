@@ -22,7 +22,7 @@ from clbench.divergence import FiniteLossCheck, NonFiniteLossError, check_finite
 from clbench.evaluator import AMP_DTYPES, Evaluator
 from clbench.graphs import GraphedStep, use_graphs
 from clbench.loggers.progress import task_progress
-from clbench.masking import absent_classes, batch_absent
+from clbench.masking import absent_classes, batch_absent, mask_absent
 from clbench.optim import OPTIMIZERS, SGD, FitOptimizer, torch_optimizer
 from clbench.population import rendezvous
 from clbench.schedule import PlateauSchedule
@@ -308,9 +308,7 @@ class Trainer:
         host reads, so that ``trainer.cuda_graphs`` can record it whole."""
         absent = batch_absent(self.stream, absent, batch.y)
         with self.autocast():
-            output = strategy.forward(batch.x, batch.task_ids)
-            if absent is not None:
-                output = output.masked_fill(absent, torch.finfo(output.dtype).min)
+            output = mask_absent(strategy.forward(batch.x, batch.task_ids), absent)
             loss = strategy.loss(output, batch.y, batch, task)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -14,7 +14,6 @@ import dataclasses
 import warnings
 from typing import Any
 
-import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
 from avalanche.training.plugins import EvaluationPlugin
@@ -23,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from clbench.bridges.avalanche import to_avalanche
-from clbench.masking import absent_classes, batch_absent
+from clbench.masking import absent_classes, batch_absent, mask_absent
 from clbench.models import ContinualModel
 from clbench.strategy import Strategy
 from clbench.streams import Stream, Task
@@ -61,10 +60,7 @@ class GroupMaskedCrossEntropy(nn.Module):
         self.absent = absent_classes(self.stream, [task])
 
     def forward(self, output: Tensor, y: Tensor) -> Tensor:
-        mask = batch_absent(self.stream, self.absent, y)
-        if mask is not None:
-            output = output.masked_fill(mask, torch.finfo(output.dtype).min)
-        return nn.functional.cross_entropy(output, y)
+        return nn.functional.cross_entropy(mask_absent(output, batch_absent(self.stream, self.absent, y)), y)
 
 
 class EpochLoss(SupervisedPlugin):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from clbench.masking import absent_classes, batch_absent
+from clbench.masking import absent_classes, batch_absent, mask_absent
 
 
 def stream(masks: bool = True, per_batch: bool = False) -> SimpleNamespace:
@@ -28,3 +28,11 @@ def test_per_batch_masking_masks_the_classes_without_a_sample_in_the_batch():
     assert batch_absent(stream(per_batch=True), absent, y).tolist() == [True, False, True, False, True, True]
     assert batch_absent(stream(per_batch=True), None, y) is None
     assert batch_absent(None, absent, y) is absent
+
+
+def test_mask_absent_pushes_absent_logits_to_the_minimum_out_of_place():
+    logits = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.bfloat16)
+    masked = mask_absent(logits, torch.tensor([True, False, True]))
+    assert masked.tolist() == [[torch.finfo(torch.bfloat16).min, 2.0, torch.finfo(torch.bfloat16).min]]
+    assert logits.tolist() == [[1.0, 2.0, 3.0]]  # the caller's tensor is left as it was
+    assert mask_absent(logits, None) is logits

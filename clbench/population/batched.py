@@ -42,7 +42,7 @@ from clbench.batches import TrainingSet
 from clbench.closed_form import BODY_TYPES, ClosedFormStep, KeptLogits, closed_form_obstacle
 from clbench.divergence import FiniteLossCheck, check_finite
 from clbench.loggers.progress import task_progress
-from clbench.masking import absent_classes, batch_absent
+from clbench.masking import absent_classes, batch_absent, mask_absent
 from clbench.models.mlp import MLP
 from clbench.optim import SGD, FitOptimizer
 from clbench.population.rendezvous import FitRequest
@@ -450,9 +450,7 @@ def _autograd_step(
     outputs: list[Tensor] = []
     for i, (f, batch) in enumerate(zip(fits, batches, strict=True)):
         output = f.request.strategy.forward_heads(hidden[i], batch.task_ids)  # its own heads, on its features
-        mask = batch_absent(f.request.trainer.stream, f.absent, batch.y)
-        if mask is not None:
-            output = output.masked_fill(mask, torch.finfo(output.dtype).min)
+        output = mask_absent(output, batch_absent(f.request.trainer.stream, f.absent, batch.y))
         outputs.append(output)
         if f.alive:
             losses.append(f.request.strategy.loss(output, batch.y, batch, f.request.tasks[-1]))
