@@ -24,10 +24,3 @@ def test_only_trainable_positions_move_under_momentum_and_weight_decay():
     assert torch.equal(layer.weight[~trainable], before[~trainable])  # bit for bit, despite momentum and decay
     assert torch.all(layer.weight[trainable] != before[trainable])
     assert layer.weight.data_ptr() == storage  # written back in place: the optimizer keeps the same tensor
-
-
-def test_an_empty_guard_does_nothing():
-    guard = FrozenPositions()
-    guard.mask_gradients()
-    guard.restore()
-    assert guard.guarded == []
