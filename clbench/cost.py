@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if TYPE_CHECKING:
     from clbench.strategy import Strategy
@@ -80,24 +81,57 @@ class StepCounter:
         trainer.fit = counted_fit  # type: ignore[method-assign]
 
 
+class StepFlopCounter(TorchDispatchMode):
+    """The total FLOPs of the operations run under it, by ``torch.utils.flop_counter``'s own per-operation
+    formulas (its ``flop_registry``), with its rule for an operation it has no formula for: decompose it and
+    count the parts. What ``FlopCounterMode(display=False).get_total_flops()`` gives, without its per-module
+    table.
+
+    Why not ``FlopCounterMode`` itself: torch wraps every dispatch mode's ``__torch_dispatch__`` so that
+    ``torch.compile`` skips it, and the wrapper imports ``torch._dynamo`` on its first call: about 2.8 s on this
+    project's CPU, once per process, for a figure that takes milliseconds to count. Nothing here is compiled,
+    so this mode opts out of that wrapping (``_should_skip_dynamo``), and counting costs what it counts."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        from torch.utils.flop_counter import flop_registry
+
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if packet not in flop_registry and func is not torch.ops.prim.device.default:
+            with self:
+                decomposed = func.decompose(*args, **kwargs)
+            if decomposed is not NotImplemented:
+                return decomposed
+        out = func(*args, **kwargs)
+        if packet in flop_registry:
+            self.total += int(flop_registry[packet](*args, **kwargs, out_val=out))
+        return out
+
+
 def step_flops(strategy: Strategy, trainer: Trainer, task: Task) -> int:
     """FLOPs of one training step on ``task`` (forward, ``strategy.loss``, backward) at the trainer's batch size,
-    counted by ``torch.utils.flop_counter.FlopCounterMode``. Gradients are cleared afterwards; no parameter,
-    optimizer state or random stream is touched, so it may run after the run's last evaluation."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    counted by :class:`StepFlopCounter`. Gradients are cleared afterwards; no parameter, optimizer state or
+    random stream is touched, so it may run after the run's last evaluation."""
     from clbench.strategy import Batch
 
     index = task.train_index[: trainer.batch_size]
     x = trainer.model_inputs("train", index, task.id)
     batch = Batch(x, task.train_targets[: trainer.batch_size], task.id, index)
-    counter = FlopCounterMode(display=False)
+    counter = StepFlopCounter()
     with counter, torch.enable_grad():
         output = strategy.forward(batch.x, batch.task_ids)
         strategy.loss(output, batch.y, batch, task).backward()
     for module in strategy.eval_modules():
         module.zero_grad(set_to_none=True)
-    return int(counter.get_total_flops())
+    return counter.total
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -139,9 +173,7 @@ def measure(
     """The ``cost`` block of result.json (see the module docstring); a FLOP count that cannot be taken (a
     strategy whose step does not run outside its trainer) is recorded as null with the reason.
 
-    ``count_flops=False`` skips the FLOP count (null, with the reason): entering ``FlopCounterMode`` imports
-    ``torch._dynamo``, about 2.8 s on this project's CPU - half of a default run, but paid once per process,
-    so nothing in a sweep, whose jobs share their processes (``count_flops: auto`` in conf/config.yaml)."""
+    ``count_flops=False`` skips the FLOP count (null, with the reason)."""
     record: dict[str, Any] = {"train_steps": counter.steps, "train_samples": counter.samples}
     if not count_flops:
         record.update(step_flops=None, train_flops=None, flops_error="not counted (count_flops=false)")

@@ -102,7 +102,7 @@ class RunSchema:
     run_id: str | None
     verbose: bool
     plots: bool
-    count_flops: Literal["auto", True, False]  # auto: in sweeps only (the FLOP counter imports torch._dynamo)
+    count_flops: Literal["auto", True, False]  # auto: in sweeps only
     protocol_name: str | None  # set by conf/protocol/<name>.yaml
     strategy_settings: str | None  # set by conf/settings/<protocol>/<strategy>.yaml
     experiment: str | None

@@ -1,8 +1,11 @@
 """Cost figures: bytes kept between tasks, training steps, FLOPs of a step, and their place in result.json."""
 
 import math
+import subprocess
+import sys
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -58,8 +61,47 @@ def test_result_records_cost_with_the_step_flops_of_the_mlp(run_tiny):
     assert recorded["peak_memory_bytes"] > 10 * 2**20 and recorded["peak_memory_kind"] == "rss"
 
 
-def test_a_single_run_skips_the_flop_count_by_default_and_says_so(run_tiny):
-    """count_flops=auto counts in sweeps only: the counter imports torch._dynamo (~2.8 s, half a default run)."""
-    recorded = run_tiny(["stream.num_tasks=2", "stream.train_per_task=128"])["cost"]
+def test_count_flops_auto_skips_the_count_in_a_single_run_and_says_so(run_tiny):
+    recorded = run_tiny(["stream.num_tasks=2", "stream.train_per_task=128", "count_flops=auto"])["cost"]
     assert recorded["train_flops"] is None and "count_flops" in recorded["flops_error"]
     assert recorded["train_steps"] == 2 * math.ceil(128 / 64)
+
+
+@pytest.mark.parametrize(
+    "model, x",
+    [
+        (nn.Sequential(nn.Flatten(), nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 10)), (10, 1, 28, 28)),
+        (
+            nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+            (4, 3, 16, 16),
+        ),
+        (nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), (2, 7, 32)),  # decomposed operations too
+    ],
+)
+def test_step_flop_counter_counts_what_torchs_flop_counter_counts(model, x):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clbench.cost import StepFlopCounter
+
+    inputs = torch.randn(x)
+    ours, torchs = StepFlopCounter(), FlopCounterMode(display=False)
+    for mode in (ours, torchs):
+        with mode, torch.enable_grad():
+            model(inputs).sum().backward()
+    assert ours.total == torchs.get_total_flops() > 0
+
+
+def test_counting_a_step_does_not_import_torch_dynamo():
+    """FlopCounterMode imported torch._dynamo on its first operation: ~2.8 s of every sweep process."""
+    code = (
+        "import sys, torch\n"
+        "from clbench.cost import StepFlopCounter\n"
+        "counter = StepFlopCounter()\n"
+        "with counter:\n"
+        "    torch.nn.Linear(4, 2)(torch.randn(3, 4)).sum().backward()\n"
+        "assert counter.total > 0\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
