@@ -79,6 +79,18 @@ def write_job_record(context: JobContext, record: dict[str, Any]) -> None:
     atomic_write_bytes(context.output_dir / "job.json", json.dumps(json_ready(payload), indent=2).encode())
 
 
+def write_lost_job(config: DictConfig, overrides: list[str], error: str) -> None:
+    """A ``failed`` job.json for a job whose process ended before the job returned (a launcher's worker killed
+    or out of memory), in the job's own folder, unless the job wrote one itself: without it a job that never
+    started would have no folder and go unlisted, and the sweep would exit 0."""
+    output_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+    if (output_dir / "job.json").exists():
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {"job_num": config.hydra.job.num, "overrides": overrides, "status": "failed", "error": error}
+    atomic_write_bytes(output_dir / "job.json", json.dumps(json_ready(record), indent=2).encode())
+
+
 UNSUCCESSFUL = ("failed", "missing", "unreadable")  # statuses that make a sweep exit non-zero ("skipped" does not)
 _last_sweep: dict[str, int] = {}  # counts of the sweep that just ended in this process (read by the entry point)
 

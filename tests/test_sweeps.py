@@ -233,3 +233,24 @@ def test_run_activates_the_device_it_selected(monkeypatch, run_tiny):
     monkeypatch.setattr(clbench.runner, "activate_device", activated.append)
     run_tiny(["stream=split_digits"])
     assert activated == [torch.device("cpu")]
+
+
+def test_a_job_lost_with_its_worker_is_recorded_failed_unless_it_wrote_its_own_record(tmp_path):
+    """A population worker killed before a job returned: the job gets a failed job.json (so the index lists it and
+    the sweep exits 1), even when it never started and has no folder; a job that finished keeps its own."""
+    from omegaconf import OmegaConf
+
+    from clbench.sweeps import read_jobs, write_lost_job
+
+    def config(num: int):
+        return OmegaConf.create(
+            {"hydra": {"sweep": {"dir": str(tmp_path), "subdir": "${hydra.job.num}"}, "job": {"num": num}}}
+        )
+
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "job.json").write_text(json.dumps({"job_num": 1, "status": "completed"}))
+    write_lost_job(config(0), ["seed=0"], "its population worker ended")
+    write_lost_job(config(1), ["seed=1"], "its population worker ended")
+    jobs = read_jobs(tmp_path)
+    assert [(j["job_num"], j["status"]) for j in jobs] == [(0, "failed"), (1, "completed")]
+    assert jobs[0]["overrides"] == ["seed=0"] and "worker ended" in jobs[0]["error"]

@@ -30,6 +30,22 @@ def population_sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedPro
     return clbench("-m", "hydra/launcher=population", *overrides, *QUIET, f"results_dir={tmp_path}", cwd=tmp_path)
 
 
+def survivors(marker: str, wait_s: float = 10.0) -> list[int]:
+    """Processes whose command line holds ``marker``, once they have had ``wait_s`` to end."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
 def index_of(results: Path) -> dict:
     (index,) = results.glob("_hydra/sweeps/*/index.json")
     return json.loads(index.read_text())
@@ -95,21 +111,37 @@ def test_a_failing_member_fails_its_job_and_the_sweep(tmp_path):
     assert "training loss became nan" in done.stderr
 
 
-def test_a_bad_launcher_setting_is_one_line_and_exit_2(tmp_path):
-    done = population_sweep(tmp_path, "hydra.launcher.max_members=1", "seed=0,1")
+@pytest.mark.parametrize(
+    "setting, line",
+    [
+        ("hydra.launcher.max_members=1", "hydra.launcher.max_members must be >= 2"),
+        ("hydra.launcher.workers=0", "hydra.launcher.workers must be auto or an integer >= 1, got 0"),
+    ],
+)
+def test_a_bad_launcher_setting_is_one_line_and_exit_2(tmp_path, setting, line):
+    done = population_sweep(tmp_path, setting, "seed=0,1")
     assert done.returncode == 2, done.stderr[-3000:]
-    assert "hydra.launcher.max_members must be >= 2" in done.stderr
+    assert line in done.stderr
     assert "Traceback" not in done.stderr
     assert not list(tmp_path.glob("*/finetune/*/result.json"))
 
 
-@pytest.mark.parametrize("how", [signal.SIGINT, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)])
-def test_an_interrupted_population_resumes_to_its_solo_results(tmp_path, how):
+@pytest.mark.parametrize(
+    "how, workers",
+    [
+        (signal.SIGINT, "2"),
+        pytest.param(signal.SIGINT, "1", marks=pytest.mark.slow),  # the launcher's own process
+        pytest.param(signal.SIGKILL, "2", marks=pytest.mark.slow),
+    ],
+)
+def test_an_interrupted_population_resumes_to_its_solo_results(tmp_path, how, workers):
     """Ctrl-C (exit 130, every member unwound through its runner) or kill -9 once a checkpoint is on disk; the same
-    command then finishes every member, and each member's R is its uninterrupted solo run's."""
+    command then finishes every member, and each member's R is its uninterrupted solo run's. With worker processes
+    the signal reaches the launcher alone (as from ``kill``): it interrupts its workers, and a killed launcher's
+    workers die with it."""
     args = [
         "-m", "hydra/launcher=population", "seed=0,1,2", *QUIET, "stream.num_tasks=4", "trainer.epochs=2", *EXACT,
-        f"results_dir={tmp_path}",
+        f"hydra.launcher.workers={workers}", f"results_dir={tmp_path}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
@@ -128,6 +160,7 @@ def test_an_interrupted_population_resumes_to_its_solo_results(tmp_path, how):
         assert not list(tmp_path.glob("*/finetune/*/.lock*")), "a member's run lock was left behind"
     else:
         assert process.returncode == -signal.SIGKILL
+        assert not survivors(str(tmp_path), wait_s=2.0), "a population worker outlived its killed launcher"
     interrupted = results_by_seed(tmp_path)
     assert interrupted and all(r["status"] == "running" for r in interrupted.values())
     again = clbench(*args, cwd=tmp_path)
