@@ -47,15 +47,18 @@ class PopulationLauncher(Launcher):
         # checked here, not in __init__: an error there reaches the user wrapped in Hydra's instantiation message
         if self.max_members < 2:
             raise HydraException(f"hydra.launcher.max_members must be >= 2, got {self.max_members}")
+        from clbench.population.configs import ComposedOnce
         from clbench.population.workers import check_setting
 
         self.workers = check_setting(self.workers)
         self.config = config
+        # the sweeper checks every job's config with this loader before launch: both then share the compositions
+        if not isinstance(hydra_context.config_loader, ComposedOnce):
+            hydra_context.config_loader = ComposedOnce(hydra_context.config_loader)  # type: ignore[assignment]
         self.hydra_context = hydra_context
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from clbench.population.configs import derive_seed_config, seed_of_only_difference
         from clbench.population.grouping import group_jobs
         from clbench.population.workers import choose_layout, plan, run_in_workers, usable_cores
 
@@ -65,11 +68,8 @@ class PopulationLauncher(Launcher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         configs = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            seed = seed_of_only_difference(job_overrides[0], overrides) if configs else None
-            if seed is not None:  # a seed sweep's jobs differ in one value: copy the first, no second composition
-                sweep_config = derive_seed_config(configs[0], list(overrides), seed)
-            else:
-                sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            # composed once for the sweeper's check and this launch (ComposedOnce; a seed is derived, not composed)
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = idx
                 sweep_config.hydra.job.num = idx

@@ -63,3 +63,29 @@ def test_a_struct_config_stays_struct():
     derived = derive_seed_config(sweep_config(["seed=0"]), ["seed=3"], 3)
     with pytest.raises(ConfigAttributeError):
         derived.not_a_key = 1  # the root stays closed to new keys, as a composed config
+
+
+def test_composed_once_composes_each_distinct_job_once_and_hands_out_copies():
+    """The sweeper's check and the launcher load every job: a 3-seed sweep of two strategies composes twice, not
+    twelve times, and each call's config is the full composition's, in a copy of its own."""
+    from clbench.population.configs import ComposedOnce
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(config_name="config", overrides=["seed=0,1"], run_mode=RunMode.MULTIRUN)
+        calls: list[list[str]] = []
+
+        class Counting:
+            def load_sweep_config(self, master_config, sweep_overrides):
+                calls.append(list(sweep_overrides))
+                return loader.load_sweep_config(master_config, sweep_overrides)
+
+        once = ComposedOnce(Counting())
+        jobs = [[f"strategy={s}", f"seed={n}"] for s in ("finetune", "ewc") for n in range(3)]
+        for _ in ("the sweeper's check", "the launch"):
+            configs = [once.load_sweep_config(master, job) for job in jobs]
+        assert calls == [["strategy=finetune", "seed=0"], ["strategy=ewc", "seed=0"]]
+        for job, config in zip(jobs, configs, strict=True):
+            assert comparable(config) == comparable(loader.load_sweep_config(master, job))
+        configs[0].seed = 99
+        assert once.load_sweep_config(master, jobs[0]).seed == 0  # a caller's change stays its own
