@@ -125,6 +125,13 @@ def load_checkpoint(path: Path, device: torch.device | str) -> dict[str, Any]:
 
 
 def package_versions() -> dict[str, str]:
+    """The versions of the packages a result depends on, as this process loaded them (read once per process:
+    a package upgraded on disk mid-sweep is not the code this process runs)."""
+    return dict(_package_versions())
+
+
+@functools.cache
+def _package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in VERSIONED_PACKAGES:
         try:

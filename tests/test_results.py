@@ -240,3 +240,11 @@ def test_a_rerun_after_new_weights_were_saved_into_the_checkpoint_trains_again(r
     assert second["metrics"]["acc"] != first["metrics"]["acc"]
     body.unlink()  # the CLI's one line (exit code 2), not the result of weights that are gone
     assert f"model.checkpoint={body}: no such file" in cli_error_line([*overrides, "device=cpu"], tmp_path / "results")
+
+
+def test_package_versions_are_read_once_and_each_caller_gets_its_own_dict():
+    from clbench.results import package_versions
+
+    first = package_versions()
+    first["torch"] = "edited by a caller"
+    assert package_versions()["torch"] != "edited by a caller"
