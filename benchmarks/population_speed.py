@@ -84,10 +84,12 @@ def cpu(args: argparse.Namespace) -> None:
         float(np.abs(np.asarray(found["population launcher"][s]) - np.asarray(found["basic launcher"][s])).max())
         for s in seeds
     )
-    solo = min(next(r for r in rows if r[0].endswith("solo processes"))[1])
+    solo_times = next(r for r in rows if r[0].endswith("solo processes"))[1]
+    solo, solo_median = min(solo_times), float(np.median(solo_times))
     threads = next((e.split("=", 1)[1] for e in args.extra if e.startswith("cpu_threads=")), "default")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
-        f"# Population launcher speed: {len(seeds)} seeds of the default job on this CPU",
+        f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, at {commit or 'an unknown commit'}",
         "",
         f"`python benchmarks/population_speed.py cpu --seeds {args.seeds} --repeats {args.repeats}"
         + (f" --extra {' '.join(args.extra)}" if args.extra else "")
@@ -95,14 +97,18 @@ def cpu(args: argparse.Namespace) -> None:
         f"{load_before:.2f} before and {os.getloadavg()[0]:.2f} after. The default job: 5-task Permuted "
         "MNIST-5k, MLP 784-100-100, 3 epochs, SGD lr 0.1, W&B offline, plots; every way runs the same seeds "
         "into a fresh results folder. Wall time of the whole thing (processes started, configs composed, "
-        "results, checkpoints and W&B runs written), best of the repeats.",
+        "results, checkpoints and W&B runs written). The ratios divide the solo processes' time by the way's: best "
+        "by best, and median by median.",
         "",
-        "| way | wall s (best) | all repeats | vs solo processes |",
-        "|---|---|---|---|",
+        "| way | wall s (best) | median | all repeats | vs solo processes (best) | (median) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, times in rows:
-        best = min(times)
-        lines.append(f"| {name} | {best:.1f} | {', '.join(f'{t:.1f}' for t in times)} | {solo / best:.2f}x |")
+        best, median = min(times), float(np.median(times))
+        lines.append(
+            f"| {name} | {best:.1f} | {median:.1f} | {', '.join(f'{t:.1f}' for t in times)} | {solo / best:.2f}x "
+            f"| {solo_median / median:.2f}x |"
+        )
     lines += [
         "",
         "Population members' accuracy matrices against the basic launcher's (solo runs): "
@@ -114,9 +120,15 @@ def cpu(args: argparse.Namespace) -> None:
         ),
     ]
     out = args.out or RESULTS / "population_speed.md"
-    out.write_text("\n".join(lines) + "\n")
+    write_newest_first(out, f"# Population launcher speed: {len(seeds)} seeds of the default job on this CPU", lines)
     shutil.rmtree(root, ignore_errors=True)
     print(f"wrote {out}")
+
+
+def write_newest_first(out: Path, title: str, section: list[str]) -> None:
+    """Put ``section`` under ``title`` at the top of ``out``, above the measurements already there."""
+    earlier = out.read_text().split("\n", 1)[1].lstrip("\n") if out.exists() else ""
+    out.write_text("\n".join([title, "", *section]) + "\n" + ("\n" + earlier if earlier else ""))
 
 
 def gpu(args: argparse.Namespace) -> None:
@@ -140,7 +152,7 @@ def gpu(args: argparse.Namespace) -> None:
         f"Ratio {ratio:.2f}x (target: at most 1.5x).",
     ]
     out = RESULTS / "population_speed_gpu.md"
-    out.write_text("\n".join(lines) + "\n")
+    write_newest_first(out, lines[0], lines[2:])
     shutil.rmtree(root, ignore_errors=True)
     print("\n".join(lines))
 
