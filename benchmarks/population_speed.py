@@ -33,14 +33,20 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+LAYOUT_NOTE = "worker processes"  # the population launcher's line saying how it spread the jobs
+last_layout: list[str] = []
+
+
 def clbench(args: list[str], results: Path) -> float:
-    """Wall time of one ``python -m clbench`` process (it must succeed)."""
+    """Wall time of one ``python -m clbench`` process (it must succeed); the population launcher's line on how it
+    spread the jobs over worker processes is kept in ``last_layout``."""
     command = [sys.executable, "-m", "clbench", *args, f"results_dir={results}", "trainer.progress=false"]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "WANDB_SILENT": "true"})
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    last_layout[:] = [line for line in done.stdout.splitlines() if LAYOUT_NOTE in line][:1]
     return elapsed
 
 
@@ -73,6 +79,8 @@ def cpu(args: argparse.Namespace) -> None:
                 elapsed = sum(clbench([f"seed={s}", *args.extra], folder) for s in seeds)
             else:
                 elapsed = clbench(command, folder)
+            if name == "population launcher":
+                layout = last_layout[0] if last_layout else "clbench: all jobs in the launcher's own process"
             found[name] = matrices(folder)
             if sorted(found[name]) != seeds:
                 raise SystemExit(f"{name}: completed seeds {sorted(found[name])}, expected {seeds}")
@@ -111,12 +119,15 @@ def cpu(args: argparse.Namespace) -> None:
         )
     lines += [
         "",
+        f"The population launcher said: `{layout}`.",
+        "",
         "Population members' accuracy matrices against the basic launcher's (solo runs): "
         + (
             "bit-identical."
             if same
-            else f"largest difference {largest:.2f} points of R (batched products sum in "
-            "another order than single ones on more than one thread; see population_correctness.md)."
+            else f"largest difference {largest:.2f} points of R: the solo runs ran on more than one thread, where "
+            "a product sums in another order than on one (a worker's members run on one thread unless cpu_threads "
+            "says otherwise); population_correctness.md compares them on equal threads."
         ),
     ]
     out = args.out or RESULTS / "population_speed.md"
