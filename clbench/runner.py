@@ -148,7 +148,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     strategy.check_scenario(stream.scenario)
     control = ControlRecord(instantiate(cfg.control) if cfg.get("control") else None)  # conf/control/
     extra_logger: Logger = instantiate(cfg.logger) if cfg.get("logger") else Logger()
-    loggers: list[Logger] = [ConsoleLogger(enabled=bool(cfg.get("verbose", True))), extra_logger]
+    loggers: list[Logger] = [ConsoleLogger(bool(cfg.get("verbose", True)), tagged=context.multirun), extra_logger]
 
     # the parts of the config that change results (the report groups by the same notion), read once: a checkpoint
     # file enters by its content, and the run id and the recorded identity must name the same bytes

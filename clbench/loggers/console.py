@@ -45,16 +45,23 @@ def format_summary(metrics: dict[str, float | None]) -> str:
 
 class ConsoleLogger(Logger):
     """Prints a line per finished task (every ~5% of a long stream) and, at the end, the matrix (when it
-    is small enough to read) and the summary."""
+    is small enough to read) and the summary.
+
+    ``tagged`` (a sweep's jobs): each per-task line names its run (``[finetune seed 2]``), and the end is written
+    as one block. Several runs print at once in a sweep (a population's members, a launcher's worker processes),
+    and their lines would otherwise mix with nothing to tell whose "after task 3" a line is."""
 
     MAX_PRINTED_ROWS = 30
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, tagged: bool = False) -> None:
         self.enabled = enabled
+        self.tagged = tagged
         self.every = 1
+        self.tag = ""
 
     def start(self, run: RunInfo) -> None:
         if self.enabled:
+            self.tag = f"[{run.strategy} seed {run.seed}] " if self.tagged else ""
             self.every = 1 if run.num_tasks <= 50 else run.num_tasks // 20
             print(
                 f"clbench: {run.strategy} on {run.stream} ({run.scenario} scenario, {run.num_tasks} tasks, "
@@ -66,25 +73,29 @@ class ConsoleLogger(Logger):
             return
         if acc_matrix.shape[0] == acc_matrix.shape[1]:
             seen = acc_matrix[task_id, : task_id + 1].mean()
-            print(f"  after task {task_id}: mean accuracy on tasks seen so far {seen:.2f}%")
+            print(f"  {self.tag}after task {task_id}: mean accuracy on tasks seen so far {seen:.2f}%", flush=True)
         else:
-            print(f"  after task {task_id}: accuracy on the evaluation set {acc_matrix[task_id].mean():.2f}%")
+            mean = acc_matrix[task_id].mean()
+            print(f"  {self.tag}after task {task_id}: accuracy on the evaluation set {mean:.2f}%", flush=True)
 
     def log_control(self, task_id: int | None, accuracy: float | None) -> None:
         if not self.enabled or accuracy is None or (task_id is not None and (task_id + 1) % self.every):
             return
         when = "before training" if task_id is None else f"after task {task_id}"
-        print(f"  control set {when}: {accuracy:.2f}%")
+        print(f"  {self.tag}control set {when}: {accuracy:.2f}%")
 
     def finish(self, result: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        lines = []
         matrix = np.asarray(result["acc_matrix"], dtype=np.float64)
         if matrix.size and matrix.shape[0] <= self.MAX_PRINTED_ROWS and matrix.shape[0] == matrix.shape[1]:
-            print(format_matrix(matrix, np.asarray(result["random_init_acc"], dtype=np.float64)))
+            lines.append(format_matrix(matrix, np.asarray(result["random_init_acc"], dtype=np.float64)))
         if result["status"] == "completed":
             summary = format_summary(result["metrics"])
-            print(f"{result['strategy']} on {result['stream']} (seed {result['seed']}): {summary}")
+            lines.append(f"{result['strategy']} on {result['stream']} (seed {result['seed']}): {summary}")
         else:
-            print(f"run failed: {result.get('error')}")
-        print(f"result: {result['paths']['result']}")
+            lines.append(f"{self.tag}run failed: {result.get('error')}")
+        lines.append(f"result: {result['paths']['result']}")
+        # one write: another process's lines cannot land inside the block (print would write the end apart)
+        print("\n".join(lines) + "\n", end="", flush=True)
