@@ -111,6 +111,21 @@ def choose_layout(setting: int | str, devices: Sequence[str], jobs: int, cores: 
     return Layout(workers, max(1, cores // workers))
 
 
+def oversubscription_note(layout: Layout, cpu_threads: Sequence[int | None], cores: int) -> str | None:
+    """One line where the jobs' own ``cpu_threads`` times the workers asks for more threads than there are cores
+    (a worker sets ``cores // workers`` threads only for jobs that leave ``cpu_threads`` unset)."""
+    if layout.workers < 2:
+        return None
+    asked = max((t for t in cpu_threads if t is not None), default=None)
+    if asked is None or asked * layout.workers <= cores:
+        return None
+    return (
+        f"clbench: note: cpu_threads={asked} in {layout.workers} worker processes asks for {asked * layout.workers} "
+        f"threads on {cores} cores, which slows every worker: set cpu_threads={max(1, cores // layout.workers)} "
+        "(or leave it unset), or hydra.launcher.workers=1"
+    )
+
+
 def plan(populations: Sequence[Sequence[int]], solo: Sequence[int], workers: int) -> list[list[Unit]]:
     """Each worker's units. A population is dealt round-robin into ``min(workers, size)`` shares (seeds
     0,2,4,... and 1,3,5,...), each share to the least loaded worker; then each solo job to the least loaded."""

@@ -60,7 +60,13 @@ class PopulationLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from clbench.population.grouping import group_jobs
-        from clbench.population.workers import choose_layout, plan, run_in_workers, usable_cores
+        from clbench.population.workers import (
+            choose_layout,
+            oversubscription_note,
+            plan,
+            run_in_workers,
+            usable_cores,
+        )
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         setup_globals()
@@ -79,7 +85,12 @@ class PopulationLauncher(Launcher):
         for note in grouping.notes:
             print(note)
         devices = [str(c.get("device", "auto")) for c in configs]
-        layout = choose_layout(self.workers, devices, len(configs), usable_cores())
+        cores = usable_cores()
+        layout = choose_layout(self.workers, devices, len(configs), cores)
+        threads = [None if c.get("cpu_threads") is None else int(c.cpu_threads) for c in configs]
+        note = oversubscription_note(layout, threads, cores)
+        if note:
+            print(note)
         plans = plan(grouping.populations, grouping.solo, layout.workers)
         for population in grouping.populations:
             shares = [u.positions for p in plans for u in p if u.population and u.positions[0] in population]

@@ -109,3 +109,13 @@ def test_ctrl_c_interrupts_each_worker_once_and_is_raised_after_they_end(tmp_pat
         timer.cancel()
     assert time.monotonic() - started < 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unwound-0", "unwound-1"]
+
+
+def test_cpu_threads_that_oversubscribe_the_workers_get_one_line():
+    from clbench.population.workers import oversubscription_note
+
+    note = oversubscription_note(Layout(2, 1), [2, None], cores=2)
+    assert note is not None and "asks for 4 threads on 2 cores" in note and "set cpu_threads=1" in note
+    assert oversubscription_note(Layout(2, 1), [1, None], cores=2) is None
+    assert oversubscription_note(Layout(2, 1), [None, None], cores=2) is None  # the workers set 1 thread each
+    assert oversubscription_note(Layout(1, None), [8], cores=2) is None  # one process: the user's choice
