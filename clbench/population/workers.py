@@ -169,18 +169,37 @@ def run_in_workers(plans: Sequence[list[Unit]], run_unit: RunUnit, threads: int 
     processes = []
     pipes: dict[Any, WorkerEnd] = {}
     launcher = os.getpid()
-    for index, units in enumerate(plans):
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(
-            target=_worker, args=(units, run_unit, threads, send, launcher), name=f"clbench-population-worker-{index}"
-        )
-        process.start()
-        send.close()
-        end = WorkerEnd(list(units), {}, None)
-        ends.append(end)
-        processes.append(process)
-        pipes[receive] = end
+    # a Ctrl-C while the workers are forked waits until every one of them is known, so that each is interrupted
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for index, units in enumerate(plans):
+            receive, send = context.Pipe(duplex=False)
+            name = f"clbench-population-worker-{index}"
+            process = context.Process(target=_worker, args=(units, run_unit, threads, send, launcher), name=name)
+            process.start()
+            send.close()
+            end = WorkerEnd(list(units), {}, None)
+            ends.append(end)
+            processes.append(process)
+            pipes[receive] = end
+    except BaseException:
+        _stop(processes)  # a failed fork: the workers already running are ended, not left without a launcher
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raise
     interrupted = False
+
+    def interrupt() -> None:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            for process in processes:
+                if process.is_alive() and process.pid is not None:
+                    os.kill(process.pid, INTERRUPT_SIGNAL)
+
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C that came during the forks arrives here
+    except KeyboardInterrupt:
+        interrupt()
     while pipes:
         try:
             for pipe in multiprocessing.connection.wait(list(pipes)):
@@ -191,17 +210,20 @@ def run_in_workers(plans: Sequence[list[Unit]], run_unit: RunUnit, threads: int 
                     continue
                 pipes[pipe].returns[position] = returned
         except KeyboardInterrupt:
-            if not interrupted:
-                interrupted = True
-                for process in processes:
-                    if process.is_alive() and process.pid is not None:
-                        os.kill(process.pid, INTERRUPT_SIGNAL)
+            interrupt()
     for process, end in zip(processes, ends, strict=True):
         _join(process)
         end.exitcode = process.exitcode
     if interrupted or any(end.exitcode == INTERRUPTED_EXIT for end in ends):
         raise KeyboardInterrupt
     return ends
+
+
+def _stop(processes: Sequence[Any]) -> None:
+    for process in processes:
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGKILL)
+        _join(process)
 
 
 def _join(process: Any) -> None:
@@ -215,7 +237,8 @@ def _join(process: Any) -> None:
 
 def _worker(units: list[Unit], run_unit: RunUnit, threads: int | None, send: Any, launcher: int) -> None:
     _die_with(launcher)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by what it starts (W&B's service): the launcher decides
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the launcher while it forked
     signal.signal(INTERRUPT_SIGNAL, signal.default_int_handler)
     if threads is not None:
         import torch
