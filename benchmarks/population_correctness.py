@@ -7,10 +7,12 @@ training-loss curves, and reports whether they are bit-identical and, if not, th
 reads, from the population's results, how the fits were trained (batched closed-form steps, batched autograd
 steps, or each member alone).
 
-    python benchmarks/population_correctness.py [--threads 1 2] [--strategies finetune ewc ...]
+    python benchmarks/population_correctness.py [--threads 1 2] [--workers 1 auto] [--strategies finetune ewc ...]
 
 ``--threads 1`` (``cpu_threads=1 deterministic=true``) is the case the population promises bit-identical;
-with 2 threads a batched product may sum in another order than the single one. Writes
+with 2 threads a batched product may sum in another order than the single one. ``--workers``: the launcher's
+``hydra.launcher.workers`` for the population sweeps: 1 keeps the 4 seeds one population in one process, ``auto``
+deals them out to one worker process per core (2 here: two populations of 2). Writes
 ``benchmarks/results/population_correctness.md``.
 """
 
@@ -63,8 +65,10 @@ def scenario_overrides(scenario: str) -> list[str]:
     return [f"stream.scenario={scenario}"]
 
 
-def sweep(strategy: str, scenario: str, threads: int, launcher: str, results: Path) -> float:
+def sweep(strategy: str, scenario: str, threads: int, launcher: str, results: Path, workers: str = "1") -> float:
     settings = ["cpu_threads=1", "deterministic=true"] if threads == 1 else []
+    if launcher == "population":
+        settings.append(f"hydra.launcher.workers={workers}")
     command = [
         sys.executable, "-m", "clbench", "-m", f"hydra/launcher={launcher}", f"strategy={strategy}",
         f"seed={SEEDS}", *scenario_overrides(scenario), *settings, "logger=none", "plots=false",
@@ -121,24 +125,28 @@ def step_kinds(population: dict[int, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", nargs="+", default=["1"], help="hydra.launcher.workers values (1, auto, N)")
     parser.add_argument("--strategies", nargs="*", default=None, help="only these strategies (default: all)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="clbench-population-"))
     lines = [
         "# Population members against their solo runs",
         "",
-        f"`python benchmarks/population_correctness.py --threads {' '.join(map(str, args.threads))}` on "
+        f"`python benchmarks/population_correctness.py --threads {' '.join(map(str, args.threads))} --workers "
+        f"{' '.join(args.workers)}` on "
         f"{platform.node()} ({os.cpu_count()} CPUs), torch threads as stated; seeds {SEEDS} of the default "
         "protocol (5-task Permuted MNIST-5k, MLP 784-100-100, 3 epochs, SGD lr 0.1; the class scenario on split "
         "MNIST-5k). Each row: the same 4-seed sweep under the basic launcher (4 solo runs) and under "
-        "`hydra/launcher=population` (one population of 4), compared seed by seed. `steps`: how the solo runs "
+        "`hydra/launcher=population`, compared seed by seed: with `workers` 1 one population of 4 in one process, "
+        "with `auto` one worker process per core, each a population of its share (here two of 2), each worker on "
+        "one thread unless `threads` says otherwise. `steps`: how the solo runs "
         "train on this CPU (closed-form gradients, or autograd), which is the kind of batched step the "
         "population takes where the strategy keeps the model's own forward pass; SupSup and TRGP have their own "
         "forward pass, so their members train alone, one after another, inside the population.",
         "",
-        "| threads | strategy | scenario | steps | bit-identical | max abs diff R | R (TAw) | loss curves "
+        "| threads | workers | strategy | scenario | steps | bit-identical | max abs diff R | R (TAw) | loss curves "
         "| solo sweep s | population s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     failures = 0
     for threads in args.threads:
@@ -147,18 +155,20 @@ def main() -> None:
                 continue
             folder = root / f"{strategy}-{scenario}-{threads}"
             solo_s = sweep(strategy, scenario, threads, "basic", folder / "solo")
-            population_s = sweep(strategy, scenario, threads, "population", folder / "population")
-            solo, population = results_by_seed(folder / "solo"), results_by_seed(folder / "population")
-            outcome = compare(solo, population)
-            failures += threads == 1 and not outcome["same"]
-            worst = outcome["worst"]
-            row = (
-                f"| {threads} | {strategy} | {scenario} | {step_kinds(solo)} | {'yes' if outcome['same'] else 'no'} "
-                f"| {worst['R']:.3g} | {worst.get('R_TAw', 0.0):.3g} | {worst.get('loss curves', 0.0):.3g} "
-                f"| {solo_s:.1f} | {population_s:.1f} |"
-            )
-            print(row, outcome["note"], flush=True)
-            lines.append(row)
+            solo = results_by_seed(folder / "solo")
+            for workers in args.workers:
+                population_s = sweep(strategy, scenario, threads, "population", folder / workers, workers)
+                population = results_by_seed(folder / workers)
+                outcome = compare(solo, population)
+                failures += threads == 1 and not outcome["same"]
+                worst = outcome["worst"]
+                row = (
+                    f"| {threads} | {workers} | {strategy} | {scenario} | {step_kinds(solo)} "
+                    f"| {'yes' if outcome['same'] else 'no'} | {worst['R']:.3g} | {worst.get('R_TAw', 0.0):.3g} "
+                    f"| {worst.get('loss curves', 0.0):.3g} | {solo_s:.1f} | {population_s:.1f} |"
+                )
+                print(row, outcome["note"], flush=True)
+                lines.append(row)
     lines += [
         "",
         "R in percent; `max abs diff` over every seed and entry (0: equal). Timing columns are whole sweeps of 4 "
