@@ -26,7 +26,7 @@ from hydra.errors import HydraException, InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from clbench.sweeps import job_context, register_resolvers, unsuccessful_jobs, write_job_record
+from clbench.sweeps import every_job_refused, job_context, register_resolvers, unsuccessful_jobs, write_job_record
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 CHECKED_GROUPS = ("stream", "model", "strategy", "trainer", "logger", "experiment", "protocol")
@@ -146,7 +146,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             print(f"clbench: skipped: {cause}", file=sys.stderr)
             return None
         message = f"{type(cause).__name__}: {cause}" if not _is_user_error(cause) else str(cause)
-        write_job_record(context, {"status": "failed", "error": message})
+        write_job_record(context, {"status": "failed", "error": message, "user_error": _is_user_error(cause)})
         if _SHOW_TRACEBACK and not context.multirun:
             raise
         _fail(message)
@@ -283,7 +283,8 @@ def main() -> None:
     # nothing else of the shutdown changes (exit handlers and flushes still run).
     gc.freeze()
     if unsuccessful_jobs():  # a sweep whose jobs failed (or vanished) says so in its exit code; skipped ones do not
-        sys.exit(1)
+        # every job refused on bad input before training (cpu_threads=0 for all): bad input's exit code, as one run
+        sys.exit(USER_ERROR_EXIT if every_job_refused() else 1)
 
 
 def _interrupted(interrupt: KeyboardInterrupt) -> None:

@@ -95,6 +95,15 @@ UNSUCCESSFUL = ("failed", "missing", "unreadable")  # statuses that make a sweep
 _last_sweep: dict[str, int] = {}  # counts of the sweep that just ended in this process (read by the entry point)
 
 
+def every_job_refused() -> bool:
+    """Whether every job of the sweep that just ended failed on bad input (a config value, missing data, an
+    unsupported scenario: ``user_error`` in its job.json), so that none of them trained."""
+    return bool(_last_refused) and _last_refused[0]
+
+
+_last_refused: list[bool] = []
+
+
 def unsuccessful_jobs() -> int:
     """How many jobs of the sweep that ended in this process failed, left no record, or left an unreadable one."""
     return sum(_last_sweep.get(status, 0) for status in UNSUCCESSFUL)
@@ -194,6 +203,7 @@ class SweepIndex(Callback):
             counts[job.get("status", "unknown")] = counts.get(job.get("status", "unknown"), 0) + 1
         _last_sweep.clear()
         _last_sweep.update(counts)
+        _last_refused[:] = [bool(jobs) and all(j.get("status") == "failed" and j.get("user_error") for j in jobs)]
         index = {"sweep_dir": str(sweep_dir), "jobs": jobs, "counts": counts}
         atomic_write_bytes(sweep_dir / "index.json", json.dumps(json_ready(index), indent=2).encode())
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))

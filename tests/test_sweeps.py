@@ -103,6 +103,16 @@ def test_failing_job_is_isolated_and_fails_the_sweep(tmp_path):
     assert "job 0 failed: trainer.lr=1e+30" in done.stderr
 
 
+def test_a_sweep_whose_every_job_refused_bad_input_exits_2(tmp_path):
+    """cpu_threads=0 applies to every job: each refuses it before training with its one line, and the sweep
+    exits with bad input's code, as a single run would (one bad job among good ones still gives 1, above)."""
+    done = clbench("-m", "seed=0,1", "cpu_threads=0", f"results_dir={tmp_path}", *QUIET, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "cpu_threads must be >= 1" in done.stderr and "Traceback" not in done.stderr
+    assert _index(tmp_path)["counts"] == {"failed": 2}
+    assert all(job["user_error"] for job in _index(tmp_path)["jobs"])
+
+
 def test_unsupported_pair_is_skipped_with_its_reason_and_the_sweep_succeeds(tmp_path):
     """GPM supports the task and domain scenarios; in a class-incremental comparison it is skipped, not failed."""
     done = clbench(
