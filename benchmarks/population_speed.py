@@ -11,8 +11,13 @@ accuracy matrices equal the basic launcher's (see ``population_correctness.md`` 
 ``benchmarks/results/population_speed.md``.
 
 ``gpu`` (where a GPU is lent): the GPM PFMNIST protocol (``protocol=gpm_pfmnist strategy=gpm``), one seed as a
-solo process against N seeds as one population; the issue's target is N seeds in at most 1.5x the time of one.
-Writes ``benchmarks/results/population_speed_gpu.md``.
+solo process against N seeds as one population (on a GPU the launcher keeps them in one process); the issue's
+target is N seeds in at most 1.5x the time of one. Writes ``benchmarks/results/population_speed_gpu.md``. A lent
+machine has no Debian Fashion-MNIST package: copy the files into the (git-ignored) data folder first, where
+``data_root`` finds them, and carry that folder along (30 MB)::
+
+    mkdir -p data/FashionMNIST/raw && cp /usr/share/datasets/fashion-mnist/*.gz data/FashionMNIST/raw/
+    # device tool: run(command="python benchmarks/population_speed.py gpu --seeds 10", carry=["data"])
 """
 
 from __future__ import annotations
