@@ -157,8 +157,9 @@ def gpu(args: argparse.Namespace) -> None:
     lines = [
         f"# Population launcher on a GPU: {args.seeds} seeds of GPM on the GPM PFMNIST protocol",
         "",
-        f"`python benchmarks/population_speed.py gpu --seeds {args.seeds}` on {platform.node()}. Whole processes, "
-        "W&B and plots off.",
+        f"`python benchmarks/population_speed.py gpu --seeds {args.seeds}"
+        + (f" --extra {' '.join(args.extra)}" if args.extra else "")
+        + f"` on {platform.node()}. Whole processes, W&B and plots off.",
         "",
         "| way | wall s |",
         "|---|---|",
