@@ -38,7 +38,7 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-LAYOUT_NOTE = "worker processes"  # the population launcher's line saying how it spread the jobs
+LAYOUT_NOTE = " jobs in "  # the population launcher's line saying how it spread the jobs ("10 jobs in 2 worker ...")
 last_layout: list[str] = []
 
 
