@@ -126,6 +126,28 @@ def oversubscription_note(layout: Layout, cpu_threads: Sequence[int | None], cor
     )
 
 
+def layout_for(setting: int | str, configs: Sequence[Any]) -> tuple[Layout, str | None]:
+    """The layout for a sweep's composed job configs (their ``device`` and ``cpu_threads``) on this machine, and
+    the note on oversubscribed threads, if any."""
+    cores = usable_cores()
+    devices = [str(c.get("device", "auto")) for c in configs]
+    layout = choose_layout(setting, devices, len(configs), cores)
+    threads = [None if c.get("cpu_threads") is None else int(c.cpu_threads) for c in configs]
+    return layout, oversubscription_note(layout, threads, cores)
+
+
+def population_lines(populations: Sequence[Sequence[int]], plans: Sequence[list[Unit]], offset: int) -> list[str]:
+    """One line per population: its jobs, and how many worker processes it was dealt to."""
+    lines = []
+    for population in populations:
+        shares = sum(1 for units in plans for u in units if u.population and u.positions[0] in population)
+        where = f" (dealt to {shares} worker processes)" if shares > 1 else ""
+        lines.append(
+            f"clbench: population of {len(population)} jobs: " + ", ".join(f"#{offset + p}" for p in population) + where
+        )
+    return lines
+
+
 def plan(populations: Sequence[Sequence[int]], solo: Sequence[int], workers: int) -> list[list[Unit]]:
     """Each worker's units. A population is dealt round-robin into ``min(workers, size)`` shares (seeds
     0,2,4,... and 1,3,5,...), each share to the least loaded worker; then each solo job to the least loaded."""

@@ -60,13 +60,7 @@ class PopulationLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from clbench.population.grouping import group_jobs
-        from clbench.population.workers import (
-            choose_layout,
-            oversubscription_note,
-            plan,
-            run_in_workers,
-            usable_cores,
-        )
+        from clbench.population.workers import layout_for, plan, population_lines, run_in_workers
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         setup_globals()
@@ -84,22 +78,12 @@ class PopulationLauncher(Launcher):
         grouping = group_jobs(configs, self.trainer_keys, self.max_members)
         for note in grouping.notes:
             print(note)
-        devices = [str(c.get("device", "auto")) for c in configs]
-        cores = usable_cores()
-        layout = choose_layout(self.workers, devices, len(configs), cores)
-        threads = [None if c.get("cpu_threads") is None else int(c.cpu_threads) for c in configs]
-        note = oversubscription_note(layout, threads, cores)
+        layout, note = layout_for(self.workers, configs)
         if note:
             print(note)
         plans = plan(grouping.populations, grouping.solo, layout.workers)
-        for population in grouping.populations:
-            shares = [u.positions for p in plans for u in p if u.population and u.positions[0] in population]
-            where = "" if len(shares) < 2 else f" (dealt to {len(shares)} worker processes)"
-            print(
-                f"clbench: population of {len(population)} jobs: "
-                + ", ".join(f"#{initial_job_idx + p}" for p in population)
-                + where
-            )
+        for line in population_lines(grouping.populations, plans, initial_job_idx):
+            print(line)
         run_unit = functools.partial(self._run_unit, configs, job_overrides)
         returns: dict[int, JobReturn] = {}
         if layout.workers == 1:

@@ -119,3 +119,13 @@ def test_cpu_threads_that_oversubscribe_the_workers_get_one_line():
     assert oversubscription_note(Layout(2, 1), [1, None], cores=2) is None
     assert oversubscription_note(Layout(2, 1), [None, None], cores=2) is None  # the workers set 1 thread each
     assert oversubscription_note(Layout(1, None), [8], cores=2) is None  # one process: the user's choice
+
+
+def test_each_population_is_announced_with_the_workers_it_was_dealt_to():
+    from clbench.population.workers import population_lines
+
+    plans = plan([[0, 1, 2, 3], [4]], solo=[5], workers=2)
+    assert population_lines([[0, 1, 2, 3], [4]], plans, offset=10) == [
+        "clbench: population of 4 jobs: #10, #11, #12, #13 (dealt to 2 worker processes)",
+        "clbench: population of 1 jobs: #14",
+    ]
