@@ -6,8 +6,8 @@ differ between members are set aside: the trainer's (``batchable_trainer_keys`` 
 ``batchable`` attribute (EWC's ``ewc_lambda``, ...). Such values change no shape and no code path: every member
 keeps its own optimizer and strategy, so they need not be equal. The strategy must declare ``population_safe``
 (its own class, as ``closed_form_safe``): a population member then gives the result of its solo run, which a
-test checks for every such strategy. Jobs of any other strategy run one after another, as Hydra's basic
-launcher runs them, with one line saying so.
+test checks for every such strategy. Jobs of any other strategy run as solo runs, as Hydra's basic launcher
+runs them (spread over the worker processes where there are several), with one line saying so.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def group_jobs(configs: Sequence[DictConfig], trainer_keys: Sequence[str], max_m
         if len(positions) > 1:
             grouping.notes.append(
                 f"clbench: population: strategy {name!r} does not declare population_safe; its {len(positions)} "
-                "jobs run one after another"
+                "jobs run as solo runs"
             )
     grouping.solo.sort()
     return grouping

@@ -96,7 +96,7 @@ def test_a_seed_sweep_runs_as_one_population_with_every_solo_file(tmp_path):
 def test_a_strategy_without_the_declaration_runs_its_jobs_one_by_one(tmp_path):
     done = population_sweep(tmp_path, "strategy=wsn", "seed=0,1", "stream.num_tasks=2")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "strategy 'wsn' does not declare population_safe; its 2 jobs run one after another" in done.stdout
+    assert "strategy 'wsn' does not declare population_safe; its 2 jobs run as solo runs" in done.stdout
     assert "population of" not in done.stdout
     assert index_of(tmp_path)["counts"] == {"completed": 2}
 
