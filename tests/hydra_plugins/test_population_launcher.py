@@ -30,6 +30,13 @@ def population_sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedPro
     return clbench("-m", "hydra/launcher=population", *overrides, *QUIET, f"results_dir={tmp_path}", cwd=tmp_path)
 
 
+def answer_ctrl_c() -> None:
+    """In the child before it starts: SIGINT's default disposition. A test run started in the background by a
+    non-interactive shell has SIGINT ignored, which its children inherit, and Python then never turns SIGINT
+    into KeyboardInterrupt (as a command started that way should not answer a terminal's Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def survivors(marker: str, wait_s: float = 10.0) -> list[int]:
     """Processes whose command line holds ``marker``, once they have had ``wait_s`` to end."""
     deadline = time.monotonic() + wait_s
@@ -145,7 +152,12 @@ def test_an_interrupted_population_resumes_to_its_solo_results(tmp_path, how, wo
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "clbench", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "clbench", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=answer_ctrl_c,
     )
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("*/finetune/*/checkpoint.pt")):

@@ -99,6 +99,9 @@ def test_ctrl_c_interrupts_each_worker_once_and_is_raised_after_they_end(tmp_pat
             raise
         return _echo(unit)
 
+    # a process started in the background by a non-interactive shell inherits SIGINT ignored: take Python's own
+    # handler for the test, as a process started from a terminal has it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     started = time.monotonic()
@@ -107,6 +110,7 @@ def test_ctrl_c_interrupts_each_worker_once_and_is_raised_after_they_end(tmp_pat
             run_in_workers([[Unit((0,), False)], [Unit((1,), False)]], slow, threads=None)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - started < 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unwound-0", "unwound-1"]
 
