@@ -375,12 +375,12 @@ def find_reference_run(
     stream: str,
     seed: int,
     stream_config: dict[str, Any],
+    model_config: dict[str, Any] | None,
     strategy: str = "independent",
-    model_config: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """A reference run: a completed ``strategy`` run on the same stream (same resolved stream config, data
-    paths aside), the same model (``model_config``, paths aside, where given) and seed, or None when there is
-    none. Never estimated.
+    paths aside), the same model (``model_config``, paths aside) and seed, or None when there is none. Never
+    estimated.
 
     ``independent`` (single-task experts): its diagonal gives the single-task a*_j and its training-accuracy
     curves the L2M expert curves. ``joint``: its diagonal gives intransigence's a*_k (Chaudhry et al. 2018).
@@ -388,16 +388,14 @@ def find_reference_run(
     biases, joint's has) would measure the architecture, and a run's figure would depend on which runs happened
     to finish before it, since the report, which reads runs in any order, gives it none.
     """
+    wanted = [without_paths(json_ready(node)) for node in (stream_config, model_config)]
     for path in sorted((results_dir / stream / strategy).glob("*/result.json")):
         try:
             other = read_result(path)
         except (OSError, json.JSONDecodeError):
             continue
         config = other.get("config", {})
-        same_stream = without_paths(json_ready(config.get("stream"))) == without_paths(json_ready(stream_config))
-        same_model = model_config is None or without_paths(json_ready(config.get("model"))) == without_paths(
-            json_ready(model_config)
-        )
-        if other.get("status") == "completed" and other.get("seed") == seed and same_stream and same_model:
+        same = [without_paths(json_ready(config.get(key))) for key in ("stream", "model")] == wanted
+        if other.get("status") == "completed" and other.get("seed") == seed and same:
             return other
     return None

@@ -379,9 +379,9 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         plots = bool(cfg.get("plots", True))
         if stream.square:
             # references found at run time; clbench.report recomputes both from whatever runs it reads, in any order
-            results_dir, model_config = Path(str(cfg.results_dir)), config.get("model")
-            reference = find_reference_run(results_dir, stream.name, seed, config["stream"], model_config=model_config)
-            joint = find_reference_run(results_dir, stream.name, seed, config["stream"], "joint", model_config)
+            where = (Path(str(cfg.results_dir)), stream.name, seed, config["stream"], config.get("model"))
+            reference = find_reference_run(*where)
+            joint = find_reference_run(*where, "joint")
             if strategy.name == "independent":
                 reference = {"acc_matrix": acc_matrix.tolist(), "train_acc_curves": accuracy_curves}
             if strategy.name == "joint":

@@ -76,7 +76,11 @@ def write_job_record(context: JobContext, record: dict[str, Any]) -> None:
     changed = read_config_changes(context.output_dir)
     if changed:
         payload["config_files_changed"] = changed
-    atomic_write_bytes(context.output_dir / "job.json", json.dumps(json_ready(payload), indent=2).encode())
+    _write_job_json(context.output_dir, payload)
+
+
+def _write_job_json(output_dir: Path, payload: dict[str, Any]) -> None:
+    atomic_write_bytes(output_dir / "job.json", json.dumps(json_ready(payload), indent=2).encode())
 
 
 def write_lost_job(config: DictConfig, overrides: list[str], error: str) -> None:
@@ -87,26 +91,24 @@ def write_lost_job(config: DictConfig, overrides: list[str], error: str) -> None
     if (output_dir / "job.json").exists():
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    record = {"job_num": config.hydra.job.num, "overrides": overrides, "status": "failed", "error": error}
-    atomic_write_bytes(output_dir / "job.json", json.dumps(json_ready(record), indent=2).encode())
+    _write_job_json(
+        output_dir, {"job_num": config.hydra.job.num, "overrides": overrides, "status": "failed", "error": error}
+    )
 
 
 UNSUCCESSFUL = ("failed", "missing", "unreadable")  # statuses that make a sweep exit non-zero ("skipped" does not)
-_last_sweep: dict[str, int] = {}  # counts of the sweep that just ended in this process (read by the entry point)
+_last_jobs: list[dict[str, Any]] = []  # the jobs of the sweep that just ended in this process (read by the entry point)
+
+
+def unsuccessful_jobs() -> int:
+    """How many jobs of the sweep that ended in this process failed, left no record, or left an unreadable one."""
+    return sum(job.get("status") in UNSUCCESSFUL for job in _last_jobs)
 
 
 def every_job_refused() -> bool:
     """Whether every job of the sweep that just ended failed on bad input (a config value, missing data, an
     unsupported scenario: ``user_error`` in its job.json), so that none of them trained."""
-    return bool(_last_refused) and _last_refused[0]
-
-
-_last_refused: list[bool] = []
-
-
-def unsuccessful_jobs() -> int:
-    """How many jobs of the sweep that ended in this process failed, left no record, or left an unreadable one."""
-    return sum(_last_sweep.get(status, 0) for status in UNSUCCESSFUL)
+    return bool(_last_jobs) and all(job.get("status") == "failed" and job.get("user_error") for job in _last_jobs)
 
 
 def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -201,9 +203,7 @@ class SweepIndex(Callback):
         counts: dict[str, int] = {}
         for job in jobs:
             counts[job.get("status", "unknown")] = counts.get(job.get("status", "unknown"), 0) + 1
-        _last_sweep.clear()
-        _last_sweep.update(counts)
-        _last_refused[:] = [bool(jobs) and all(j.get("status") == "failed" and j.get("user_error") for j in jobs)]
+        _last_jobs[:] = jobs
         index = {"sweep_dir": str(sweep_dir), "jobs": jobs, "counts": counts}
         atomic_write_bytes(sweep_dir / "index.json", json.dumps(json_ready(index), indent=2).encode())
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))

@@ -248,3 +248,19 @@ def test_package_versions_are_read_once_and_each_caller_gets_its_own_dict():
     first = package_versions()
     first["torch"] = "edited by a caller"
     assert package_versions()["torch"] != "edited by a caller"
+
+
+def test_package_versions_are_read_from_the_installed_metadata_once_per_process(monkeypatch):
+    from importlib import metadata
+
+    from clbench import results
+
+    calls = []
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: calls.append(name) or real(name))
+    results._package_versions.cache_clear()
+    try:
+        first, second = results.package_versions(), results.package_versions()
+    finally:
+        results._package_versions.cache_clear()
+    assert first == second and len(calls) == len(results.VERSIONED_PACKAGES)

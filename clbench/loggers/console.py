@@ -82,7 +82,7 @@ class ConsoleLogger(Logger):
         if not self.enabled or accuracy is None or (task_id is not None and (task_id + 1) % self.every):
             return
         when = "before training" if task_id is None else f"after task {task_id}"
-        print(f"  {self.tag}control set {when}: {accuracy:.2f}%")
+        print(f"  {self.tag}control set {when}: {accuracy:.2f}%", flush=True)
 
     def finish(self, result: dict[str, Any]) -> None:
         if not self.enabled:

@@ -77,14 +77,16 @@ def check_setting(workers: Any) -> int | str:
 
 
 def uses_gpu(device: str) -> bool:
-    """Whether a job's ``device`` setting puts it on a GPU here (``auto`` does where CUDA is present)."""
-    if device == "cpu":
-        return False
-    if device == "auto":
-        import torch
+    """Whether a job's ``device`` setting puts it on a GPU here, as its run will pick its device
+    (:func:`clbench.runner.select_device`). A setting the run will refuse (``cuda`` without CUDA, a misspelling)
+    counts as a GPU: the jobs then stay in the launcher's process, and each says why in its one line."""
+    from clbench.runner import select_device
+    from clbench.schema import ConfigError
 
-        return torch.cuda.is_available()
-    return True
+    try:
+        return select_device(device).type != "cpu"
+    except ConfigError:
+        return True
 
 
 def choose_layout(setting: int | str, devices: Sequence[str], jobs: int, cores: int) -> Layout:
@@ -270,7 +272,10 @@ def _worker(units: list[Unit], run_unit: RunUnit, threads: int | None, send: Any
     try:
         for unit in units:
             for position, returned in run_unit(unit):
-                send.send((position, sendable(returned)))
+                try:
+                    send.send((position, returned))  # pickled whole before a byte is written
+                except Exception:
+                    send.send((position, sendable(returned)))
     except KeyboardInterrupt:
         code = INTERRUPTED_EXIT
     finally:
@@ -280,17 +285,14 @@ def _worker(units: list[Unit], run_unit: RunUnit, threads: int | None, send: Any
 
 
 def sendable(returned: Any) -> Any:
-    """``returned`` as it can cross a pipe: an error that does not pickle is replaced by a RuntimeError with its
-    text (a JobReturn's ``_return_value`` holds the error of a failed job)."""
-    try:
-        pickle.dumps(returned)
+    """``returned`` (a JobReturn that did not pickle) as it can cross a pipe: its error (``_return_value``, a failed
+    job's) replaced by a RuntimeError with its text; anything else that does not pickle is raised."""
+    value = getattr(returned, "_return_value", None)
+    if not isinstance(value, BaseException):
+        pickle.dumps(returned)  # raises what stops it
         return returned
-    except Exception:
-        value = getattr(returned, "_return_value", None)
-        if isinstance(value, BaseException):
-            returned._return_value = RuntimeError(f"{type(value).__name__}: {value}")
-            return returned
-        raise
+    returned._return_value = RuntimeError(f"{type(value).__name__}: {value}")
+    return returned
 
 
 def _die_with(launcher: int) -> None:

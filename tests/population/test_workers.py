@@ -133,3 +133,14 @@ def test_each_population_is_announced_with_the_workers_it_was_dealt_to():
         "clbench: population of 4 jobs: #10, #11, #12, #13 (dealt to 2 worker processes)",
         "clbench: population of 1 jobs: #14",
     ]
+
+
+def test_a_job_counts_as_on_a_gpu_as_its_run_picks_its_device():
+    import torch
+
+    assert not workers.uses_gpu("cpu")
+    assert workers.uses_gpu("auto") == torch.cuda.is_available()
+    # settings the run refuses keep the jobs in the launcher's process, where each says why in one line
+    assert workers.uses_gpu("bogus")
+    if not torch.cuda.is_available():
+        assert workers.uses_gpu("cuda")
